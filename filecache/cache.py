@@ -1,0 +1,128 @@
+"""
+The in-memory cache of whole files: a byte budget, first-in first-out
+eviction, entries checked against the file's current version.  Pure logic.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+from zope.interface import Attribute, Interface, implementer
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """
+    One cached file.
+
+    @ivar data: the whole content.
+    @ivar version: the version token of the file the content was read from.
+    @ivar digest: SHA-256 of C{data}, hex.
+    @ivar mtime: the file's modification time in whole seconds.
+    """
+
+    data: bytes
+    version: str
+    digest: str
+    mtime: int
+
+
+class ICache(Interface):
+    """A store of whole files under a byte budget."""
+
+    capacity = Attribute("The budget in bytes; the stored bytes never exceed it.")
+    size = Attribute("The bytes stored now.")
+    hits = Attribute("Lookups that found a current entry.")
+    misses = Attribute("Lookups that did not.")
+    evictions = Attribute("Entries dropped to make room or because they went stale.")
+
+    def lookup(path: str, version: str) -> CacheEntry | None:
+        """
+        The entry for C{path} if it holds C{version}; a stale entry is
+        evicted.  Counts a hit or a miss.
+        """
+
+    def peek(path: str) -> CacheEntry | None:
+        """The entry for C{path}, whatever its version, counting nothing."""
+
+    def admits(size: int) -> bool:
+        """Whether a file of C{size} bytes may be cached at all."""
+
+    def insert(path: str, entry: CacheEntry) -> bool:
+        """
+        Store C{entry} as the newest, evicting the oldest entries until it
+        fits.  Return C{False} (storing nothing) if it can never fit.
+        """
+
+    def discard(path: str) -> None:
+        """Evict C{path}'s entry if there is one."""
+
+    def __iter__() -> Iterator[tuple[str, CacheEntry]]:
+        """The entries, oldest (next to be evicted) first."""
+
+    def __len__() -> int:
+        """The number of entries."""
+
+
+@implementer(ICache)
+class FifoCache:
+    """
+    L{ICache} evicting in order of insertion: a hit does not move an entry,
+    and a changed file is re-inserted as the newest.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must not be negative")
+        self.capacity = capacity
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+
+    def lookup(self, path: str, version: str) -> CacheEntry | None:
+        entry = self._entries.get(path)
+        if entry is not None:
+            if entry.version == version:
+                self.hits += 1
+                return entry
+            self._drop(path)
+        self.misses += 1
+        return None
+
+    def peek(self, path: str) -> CacheEntry | None:
+        return self._entries.get(path)
+
+    def admits(self, size: int) -> bool:
+        return size <= self.capacity
+
+    def insert(self, path: str, entry: CacheEntry) -> bool:
+        if path in self._entries:
+            self._drop(path)
+        needed = len(entry.data)
+        if not self.admits(needed):
+            return False
+        while self.size + needed > self.capacity:
+            oldest = next(iter(self._entries))
+            self._drop(oldest)
+        self._entries[path] = entry
+        self.size += needed
+        return True
+
+    def discard(self, path: str) -> None:
+        if path in self._entries:
+            self._drop(path)
+
+    def _drop(self, path: str) -> None:
+        entry = self._entries.pop(path)
+        self.size -= len(entry.data)
+        self.evictions += 1
+
+    def __iter__(self) -> Iterator[tuple[str, CacheEntry]]:
+        return iter(list(self._entries.items()))
+
+    def __len__(self) -> int:
+        return len(self._entries)

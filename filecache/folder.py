@@ -1,0 +1,210 @@
+"""
+The shared folder: turns a wire path into an open regular file confined to
+the folder, and lists every file that may be shared.  Never writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from filecache.wire import PathError, split_path
+
+# Errors that mean "there is no shareable file by that name"; every other
+# OSError means the file exists but cannot be served right now.
+_ABSENT = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL, errno.ENXIO}
+)
+
+
+class NotShared(Exception):
+    """The path names nothing that is shared: absent, hidden, outside, or not a regular file."""
+
+
+class Unreadable(Exception):
+    """The file is shared but cannot be read now (permissions, I/O, descriptors)."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        super().__init__(f"{path}: {error.strerror or error}")
+        self.error = error
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What filecache needs from a file's C{stat}."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @property
+    def version(self) -> str:
+        """The opaque token that changes whenever the content may have changed."""
+        return f"{self.ino:x}-{self.size:x}-{self.mtime_ns:x}"
+
+    @property
+    def mtime(self) -> int:
+        return self.mtime_ns // 1_000_000_000
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    """
+    A shared file opened for reading.  The owner must call L{close}.
+
+    @ivar path: the wire path it was opened by.
+    @ivar real: its resolved path on disk.
+    @ivar fd: the open descriptor.
+    @ivar stat: its state when opened.
+    """
+
+    path: str
+    real: str
+    fd: int
+    stat: FileStat
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _has_hidden_part(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split(os.sep))
+
+
+class SharedFolder:
+    """
+    The folder whose regular files are shared.
+
+    A path is resolved with every symlink followed, and must still lead to a
+    regular file inside the folder with no component that starts with C{.}.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(root)
+        self._prefix = self.root.rstrip(os.sep) + os.sep
+        self._proc_fds = os.path.isdir("/proc/self/fd")
+
+    def _inside(self, real: str) -> bool:
+        if not real.startswith(self._prefix):
+            return False
+        return not _has_hidden_part(real[len(self._prefix) :])
+
+    def resolve(self, path: str) -> str:
+        """
+        The real path that the wire path C{path} names, if it is inside.
+
+        @raise NotShared: if it names nothing that may be shared.
+        """
+        try:
+            parts = split_path(path)
+        except PathError:
+            raise NotShared(path) from None
+        real = os.path.realpath(os.path.join(self.root, *parts))
+        if not self._inside(real):
+            raise NotShared(path)
+        return real
+
+    def open(self, path: str) -> OpenedFile:
+        """
+        Open the shared regular file C{path}.
+
+        @raise NotShared: if it names nothing that may be shared.
+        @raise Unreadable: if it is shared but cannot be opened now.
+        """
+        real = self.resolve(path)
+        try:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer.
+            # O_NOFOLLOW: the last component was resolved above; a symlink
+            # there now was put in since, so refuse it.
+            fd = os.open(
+                real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+        except OSError as e:
+            if e.errno in _ABSENT:
+                raise NotShared(path) from None
+            raise Unreadable(path, e) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotShared(path)
+            if self._proc_fds and os.readlink(f"/proc/self/fd/{fd}") != real:
+                # A directory on the way was swapped for a symlink after it
+                # was resolved: what we opened is not what we checked.
+                raise NotShared(path)
+        except NotShared:
+            os.close(fd)
+            raise
+        except OSError as e:
+            os.close(fd)
+            raise Unreadable(path, e) from None
+        return OpenedFile(path, real, fd, FileStat.of(st))
+
+    def is_current(self, opened: OpenedFile) -> bool:
+        """
+        Whether C{opened} still holds what it held when it was opened, and
+        its path still names that same file.
+        """
+        try:
+            now = FileStat.of(os.fstat(opened.fd))
+            named = FileStat.of(os.stat(opened.real))
+        except OSError:
+            return False
+        return now == opened.stat == named
+
+    def list_files(self) -> list[tuple[str, FileStat]]:
+        """
+        Every shared regular file, recursively, as (wire path, state), sorted
+        by the path's UTF-8 bytes.  Names that are not UTF-8 cannot be put on
+        the wire and are left out.
+        """
+        found: list[tuple[bytes, str, FileStat]] = []
+        seen_dirs = {_dir_key(os.stat(self.root))}
+        pending: list[tuple[str, str]] = [(self.root, "")]
+        while pending:
+            directory, prefix = pending.pop()
+            try:
+                with os.scandir(directory) as entries:
+                    listed = list(entries)
+            except OSError:
+                continue
+            for entry in listed:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                try:
+                    encoded = name.encode("utf-8")
+                except UnicodeEncodeError:
+                    continue
+                wire = prefix + name
+                try:
+                    if entry.is_symlink():
+                        real = os.path.realpath(entry.path)
+                        if not self._inside(real):
+                            continue
+                    st = entry.stat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append((prefix.encode("utf-8") + encoded, wire, FileStat.of(st)))
+                elif stat.S_ISDIR(st.st_mode):
+                    key = _dir_key(st)
+                    if key not in seen_dirs:
+                        seen_dirs.add(key)
+                        pending.append((entry.path, wire + "/"))
+        found.sort(key=lambda item: item[0])
+        return [(wire, st) for _, wire, st in found]
+
+
+def _dir_key(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)

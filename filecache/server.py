@@ -1,0 +1,307 @@
+"""
+What the daemon answers: turns parsed requests into replies over the shared
+folder and the cache, and decides what enters the cache.  No transport here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Protocol, TypeVar, Union
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+
+from filecache import wire
+from filecache.cache import CacheEntry, ICache
+from filecache.folder import FileStat, NotShared, OpenedFile, SharedFolder, Unreadable
+from filecache.transfer import TransferResult
+
+T = TypeVar("T")
+
+INLINE_LIMIT = 64 * 1024
+"""Bodies up to this size are sent in one write together with their status
+and END lines: one segment on the wire, no producer to set up."""
+
+
+class BlockingRunner(Protocol):
+    """Runs blocking work off the reactor thread; a Deferred of its result."""
+
+    def __call__(self, work: Callable[[], T]) -> Deferred[T]: ...
+
+
+def run_now(work: Callable[[], T]) -> Deferred[T]:
+    """Run blocking C{work} right away, on this thread (for tests)."""
+    try:
+        return succeed(work())
+    except BaseException:
+        return Deferred.fromFailure(Failure())
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class MemoryBody:
+    """A body sent from bytes in memory: C{data[start:]}."""
+
+    data: bytes
+    start: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class DiskBody:
+    """
+    A body sent from an open file.
+
+    @ivar digest: SHA-256 of the whole file when already known (then the
+        kernel may copy it without our reading it).
+    @ivar fill: whether the bytes read are to be put in the cache.
+    """
+
+    opened: OpenedFile
+    start: int
+    length: int
+    digest: str | None
+    fill: bool
+
+
+Body = Union[MemoryBody, DiskBody]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    One reply: C{data} (the whole reply, or the status line of a streamed
+    one), an optional body to stream after it, and what the access log
+    says of it.
+    """
+
+    data: bytes
+    status: str
+    body: Body | None = None
+    cache: str = "-"
+    size: int = 0
+
+
+def error_reply(code: str, message: str) -> Reply:
+    return Reply(wire.format_error(code, message), "ERR " + code)
+
+
+@dataclass
+class Counters:
+    """Figures reported by STATS that the cache does not keep."""
+
+    connections_active: int = 0
+    connections_total: int = 0
+    bytes_sent: int = 0
+    requests: int = 0
+
+
+class DigestStore:
+    """
+    SHA-256 digests of whole files by version token, so a file too big to
+    cache is hashed once, not on every transfer.  Bounded, oldest dropped.
+    """
+
+    def __init__(self, limit: int = 65536) -> None:
+        self._limit = limit
+        self._digests: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, version: str) -> str | None:
+        return self._digests.get(version)
+
+    def put(self, version: str, digest: str) -> None:
+        self._digests[version] = digest
+        while len(self._digests) > self._limit:
+            self._digests.popitem(last=False)
+
+
+class FileCacheServer:
+    """
+    Answers requests for one shared folder through one shared cache.
+
+    @param run_blocking: runs a blocking callable off the reactor thread and
+        returns a Deferred of its result (L{run_now} runs it in place).
+    """
+
+    def __init__(
+        self,
+        folder: SharedFolder,
+        cache: ICache,
+        run_blocking: BlockingRunner = run_now,
+    ) -> None:
+        self.folder = folder
+        self.cache = cache
+        self.counters = Counters()
+        self.digests = DigestStore()
+        self._run_blocking = run_blocking
+        self._filling: dict[str, int] = {}
+
+    def respond(self, request: wire.Request) -> Reply | Deferred[Reply]:
+        """The reply to C{request} (QUIT is the protocol's business)."""
+        self.counters.requests += 1
+        if isinstance(request, wire.GetRequest):
+            return self._get(request)
+        if isinstance(request, wire.ListRequest):
+            return self._list(request.cached)
+        return self._stats()
+
+    # GET
+
+    def _get(self, request: wire.GetRequest) -> Reply:
+        path = request.path
+        try:
+            opened = self.folder.open(path)
+        except NotShared:
+            self.cache.discard(path)
+            return error_reply(wire.NOT_FOUND, "no such file")
+        except Unreadable as e:
+            return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
+        st = opened.stat
+        if request.offset > st.size:
+            opened.close()
+            return error_reply(wire.BAD_REQUEST, "offset past the end of the file")
+        entry = self.cache.lookup(path, st.version)
+        if entry is not None:
+            opened.close()
+            return self._from_memory(entry.data, request.offset, entry.digest, st.version, "hit")
+        if st.size <= INLINE_LIMIT:
+            try:
+                data = _read_whole(opened)
+            except Unreadable as e:
+                return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
+            finally:
+                opened.close()
+            digest = sha256_hex(data)
+            self.cache.insert(path, CacheEntry(data, st.version, digest, st.mtime))
+            return self._from_memory(data, request.offset, digest, st.version, "miss")
+        whole = request.offset == 0
+        digest = self.digests.get(st.version) if whole else None
+        fill = whole and self._reserve_fill(path, st.size)
+        length = st.size - request.offset
+        body = DiskBody(opened, request.offset, length, digest, fill)
+        return Reply(
+            wire.format_get_status(length, st.version), "OK", body, "miss", length
+        )
+
+    def _from_memory(
+        self, data: bytes, start: int, digest: str, version: str, cache: str
+    ) -> Reply:
+        length = len(data) - start
+        if start:
+            digest = sha256_hex(memoryview(data)[start:])
+        status = wire.format_get_status(length, version)
+        if length <= INLINE_LIMIT:
+            whole = b"".join((status, data[start:] if start else data, wire.format_end(digest)))
+            return Reply(whole, "OK", None, cache, length)
+        return Reply(status, "OK", MemoryBody(data, start, digest), cache, length)
+
+    def _reserve_fill(self, path: str, size: int) -> bool:
+        # One reader fills the cache per file, and the bytes being gathered
+        # for the cache at once stay within its capacity.
+        if not self.cache.admits(size) or path in self._filling:
+            return False
+        if sum(self._filling.values()) + size > self.cache.capacity:
+            return False
+        self._filling[path] = size
+        return True
+
+    def body_sent(self, body: Body, result: TransferResult) -> str | None:
+        """
+        A body went out whole.  Return the digest for its END line, or
+        C{None} if the file changed while it was sent (the reply must then be
+        cut off).  Fills the cache and the digest store from a clean read.
+        """
+        if isinstance(body, MemoryBody):
+            return body.digest
+        opened = body.opened
+        try:
+            current = self.folder.is_current(opened)
+        finally:
+            self._release(body)
+        if not current:
+            self.cache.discard(opened.path)
+            return None
+        digest = body.digest or result.digest
+        if digest is None:  # pragma: no cover - send_file always hashes without one
+            return None
+        if body.start == 0:
+            self.digests.put(opened.stat.version, digest)
+            if body.fill and result.data is not None:
+                entry = CacheEntry(result.data, opened.stat.version, digest, opened.stat.mtime)
+                self.cache.insert(opened.path, entry)
+        return digest
+
+    def body_failed(self, body: Body) -> None:
+        """A body could not be sent whole: release what it held."""
+        if isinstance(body, DiskBody):
+            self._release(body)
+
+    def _release(self, body: DiskBody) -> None:
+        body.opened.close()
+        if body.fill:
+            self._filling.pop(body.opened.path, None)
+
+    # LIST and STATS
+
+    def _list(self, cached: bool) -> Reply | Deferred[Reply]:
+        if cached:
+            rows = [
+                wire.ListRow(len(entry.data), entry.mtime, True, path)
+                for path, entry in self.cache
+            ]
+            return Reply(wire.format_list(rows), "OK")
+
+        def listed(files: list[tuple[str, FileStat]]) -> Reply:
+            rows = []
+            for path, st in files:
+                entry = self.cache.peek(path)
+                cached_now = entry is not None and entry.version == st.version
+                rows.append(wire.ListRow(st.size, st.mtime, cached_now, path))
+            return Reply(wire.format_list(rows), "OK")
+
+        def failed(reason: Failure) -> Reply:
+            return error_reply(wire.UNAVAILABLE, "cannot list the shared folder")
+
+        d = self._run_blocking(self.folder.list_files)
+        return d.addCallbacks(listed, failed)
+
+    def stats(self) -> list[tuple[str, int]]:
+        cache = self.cache
+        c = self.counters
+        return [
+            ("cache_bytes", cache.size),
+            ("cache_capacity", cache.capacity),
+            ("cache_files", len(cache)),
+            ("hits", cache.hits),
+            ("misses", cache.misses),
+            ("evictions", cache.evictions),
+            ("connections_active", c.connections_active),
+            ("connections_total", c.connections_total),
+            ("bytes_sent", c.bytes_sent),
+            ("requests", c.requests),
+        ]
+
+    def _stats(self) -> Reply:
+        return Reply(wire.format_stats(self.stats()), "OK")
+
+
+def _read_whole(opened: OpenedFile) -> bytes:
+    """
+    Read a small file whole and check it still matches its stat.
+
+    @raise Unreadable: on a read error, or if the file changed meanwhile.
+    """
+    size = opened.stat.size
+    try:
+        data = os.pread(opened.fd, size + 1, 0)
+    except OSError as e:
+        raise Unreadable(opened.path, e) from None
+    if len(data) != size:
+        raise Unreadable(opened.path, OSError(0, "file changed while being read"))
+    return data

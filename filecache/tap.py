@@ -1,0 +1,173 @@
+"""
+The twistd/twist plugin's options and service: C{twistd -n filecache --port
+5000 --dir ./shared}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, TypeVar
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from filecache.cache import FifoCache
+from filecache.folder import SharedFolder
+from filecache.protocol import FileCacheFactory
+from filecache.server import FileCacheServer
+
+T = TypeVar("T")
+
+DEFAULT_BACKLOG = 1024
+
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?\Z", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(SystemExit):
+    """
+    A bad option value.  twistd prints its whole help for a UsageError; this
+    ends the process with status 1 and just the one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"filecache: {message}")
+
+
+def parse_size(text: str) -> int:
+    """
+    Bytes from C{123}, C{64K}, C{64M}, C{1G} (binary units; C{KiB}, C{MB}
+    and lower case accepted too).
+
+    @raise ValueError: for anything else.
+    """
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use bytes or a K/M/G suffix)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def endpoint_description(port: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    A server endpoint description from C{--port}: a bare number means TCP,
+    and a TCP listener gets a deep backlog unless it sets one.
+    """
+    port = port.strip()
+    if port.isdigit():
+        port = f"tcp:{port}"
+    kind = port.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in port:
+        port += f":backlog={backlog}"
+    return port
+
+
+class Options(usage.Options):
+    synopsis = "--dir DIRECTORY [--port ENDPOINT] [--cache-size SIZE]"
+    longdesc = (
+        "Share every regular file under DIRECTORY (recursively, dotfiles "
+        "excepted) with many clients at once, keeping recently read files in "
+        "a first-in first-out memory cache.  See docs/protocol.md."
+    )
+    optParameters = [
+        [
+            "port",
+            "p",
+            "tcp:5000",
+            "Where to listen: a Twisted endpoint description (tcp:5000:"
+            "interface=127.0.0.1, unix:/run/fc.sock, ssl:5443:privateKey=..., "
+            "systemd:domain=INET:index=0) or a bare port number.",
+        ],
+        ["dir", "d", None, "The folder to share (required; must exist)."],
+        [
+            "cache-size",
+            "c",
+            "64M",
+            "Memory cache budget: bytes, or a number with K, M or G (binary "
+            "units). Files larger than this are streamed from disk, never cached.",
+        ],
+    ]
+    optFlags = [
+        ["no-access-log", None, "Do not log a line for every reply."],
+    ]
+
+    def postOptions(self) -> None:
+        directory = self["dir"]
+        if not directory:
+            raise ConfigError("--dir is required: the folder to share")
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--dir {directory}: not an existing directory")
+        try:
+            self["cache-size"] = parse_size(str(self["cache-size"]))
+        except ValueError as e:
+            raise ConfigError(f"--cache-size: {e}") from None
+        self["port"] = endpoint_description(self["port"])
+
+
+class ThreadPoolService(Service):
+    """A thread pool for blocking disk work, started and stopped with us."""
+
+    def __init__(self, pool: ThreadPool, reactor: Any) -> None:
+        self.pool = pool
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self.pool.stop()
+        return None
+
+    def run(self, work: Callable[[], T]) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self.pool, work)
+
+
+class _Announcer(Service):
+    _log = Logger()
+
+    def __init__(self, config: Options) -> None:
+        self._config = config
+
+    def startService(self) -> None:
+        super().startService()
+        c = self._config
+        self._log.info(
+            "filecache serving {dir} on {port}, cache {cache_size} bytes",
+            dir=os.path.realpath(c["dir"]),
+            port=c["port"],
+            cache_size=c["cache-size"],
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._log.info("filecache stopping")
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    """The daemon: a listener, its factory, and a pool for disk work."""
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    pool = ThreadPoolService(ThreadPool(minthreads=0, maxthreads=4, name="filecache-disk"), reactor)
+    pool.setServiceParent(top)
+    server = FileCacheServer(
+        SharedFolder(config["dir"]),
+        FifoCache(config["cache-size"]),
+        run_blocking=pool.run,
+    )
+    factory = FileCacheFactory(
+        server, clock=reactor, access_log=not config["no-access-log"]
+    )
+    listener = StreamServerEndpointService(serverFromString(reactor, config["port"]), factory)
+    listener._raiseSynchronously = True
+    listener.setServiceParent(top)
+    _Announcer(config).setServiceParent(top)
+    return top

@@ -1,0 +1,280 @@
+"""
+Producers that stream a reply body to a transport: bytes already in memory,
+or a range of an open file, with the send buffer bounded whatever the size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet import tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IConsumer,
+    IPullProducer,
+    IPushProducer,
+    ISSLTransport,
+)
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+SLICE = 64 * 1024
+"""Bytes handed to a transport per write when we go through Twisted's buffer."""
+
+FILE_CHUNK = 64 * 1024
+"""Bytes read from disk per FileSender step."""
+
+TURN = 8 * 1024 * 1024
+"""Most bytes one connection sends per reactor turn on the direct path, so
+that one fast reader does not starve the others."""
+
+
+class TransferFailed(Exception):
+    """The body could not be sent whole: the file ended early or the peer left."""
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """
+    What a finished body transfer saw.
+
+    @ivar sent: body bytes sent.
+    @ivar digest: SHA-256 hex of the bytes sent, when they were hashed.
+    @ivar data: the bytes sent, when they were collected.
+    """
+
+    sent: int
+    digest: str | None = None
+    data: bytes | None = None
+
+
+def direct_socket(transport: object) -> socket.socket | None:
+    """
+    The socket under C{transport} if we may write to it directly: a plain
+    TCP or UNIX stream connection, not TLS.
+    """
+    if isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(
+        transport
+    ):
+        if not getattr(transport, "TLS", False):
+            sock: socket.socket = transport.socket
+            return sock
+    return None
+
+
+@implementer(IPullProducer)
+class _DirectSender:
+    """
+    Sends straight to the socket, called by Twisted only when its own buffer
+    is empty, so nothing written through the transport before (a status
+    line, earlier pipelined replies) can be overtaken.
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        length: int,
+        step: Callable[[int, int], int],
+        done: Deferred[int],
+    ) -> None:
+        self._transport = transport
+        self._length = length
+        self._step = step
+        self._sent = 0
+        self._done: Deferred[int] | None = done
+        self._started = False
+
+    def resumeProducing(self) -> None:
+        if not self._started:
+            # registerProducer calls us at once, while the transport may
+            # still hold unsent bytes: wait for its doWrite to call again.
+            self._started = True
+            self._transport.startWriting()
+            return
+        budget = TURN
+        try:
+            while self._sent < self._length and budget > 0:
+                count = min(self._length - self._sent, budget)
+                n = self._step(self._sent, count)
+                if n <= 0:
+                    return self._finish(TransferFailed("file ended early"))
+                self._sent += n
+                budget -= n
+        except BlockingIOError:
+            self._transport.startWriting()
+            return
+        except OSError as e:
+            return self._finish(TransferFailed(f"send failed: {e.strerror or e}"))
+        if self._sent < self._length:
+            self._transport.startWriting()
+            return
+        self._finish(None)
+
+    def _finish(self, error: Exception | None) -> None:
+        done, self._done = self._done, None
+        self._transport.unregisterProducer()
+        if done is not None:
+            if error is None:
+                done.callback(self._sent)
+            else:
+                done.errback(Failure(error))
+
+    def stopProducing(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done.errback(Failure(TransferFailed("connection lost")))
+
+
+@implementer(IPushProducer)
+class _SliceSender:
+    """Writes slices of in-memory bytes until the transport pushes back."""
+
+    def __init__(
+        self, consumer: IConsumer, data: bytes, start: int, done: Deferred[int]
+    ) -> None:
+        self._consumer = consumer
+        self._data = data
+        self._pos = start
+        self._start = start
+        self._paused = False
+        self._done: Deferred[int] | None = done
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        end = len(self._data)
+        while not self._paused and self._pos < end and self._done is not None:
+            piece = self._data[self._pos : self._pos + SLICE]
+            self._pos += len(piece)
+            self._consumer.write(piece)
+        if self._pos >= end and self._done is not None:
+            done, self._done = self._done, None
+            self._consumer.unregisterProducer()
+            done.callback(end - self._start)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done.errback(Failure(TransferFailed("connection lost")))
+
+
+class _BoundedReader:
+    """A file-like view of C{length} bytes of C{fd} from C{start}, by pread."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        self._fd = fd
+        self._pos = start
+        self._left = length
+
+    def read(self, size: int) -> bytes:
+        if self._left <= 0:
+            return b""
+        try:
+            chunk = os.pread(self._fd, min(size, self._left), self._pos)
+        except OSError:
+            # Reads as the end of the file: the transfer comes up short
+            # and fails, rather than raising into the reactor.
+            return b""
+        self._pos += len(chunk)
+        self._left -= len(chunk)
+        return chunk
+
+
+def send_memory(transport: Any, data: bytes, start: int) -> Deferred[int]:
+    """
+    Stream C{data[start:]} to C{transport}.  Fires with the bytes sent, or
+    fails with L{TransferFailed}.
+    """
+    done: Deferred[int] = Deferred()
+    length = len(data) - start
+    sock = direct_socket(transport)
+    if sock is not None:
+        view = memoryview(data)
+
+        def step(sent: int, count: int) -> int:
+            pos = start + sent
+            return sock.send(view[pos : pos + count])
+
+        transport.registerProducer(_DirectSender(transport, length, step, done), False)
+    else:
+        producer = _SliceSender(transport, data, start, done)
+        transport.registerProducer(producer, True)
+        producer.resumeProducing()
+    return done
+
+
+def send_file(
+    transport: Any,
+    fd: int,
+    start: int,
+    length: int,
+    *,
+    digest_known: bool,
+    collect: bool,
+) -> Deferred[TransferResult]:
+    """
+    Stream C{length} bytes of C{fd} from C{start} to C{transport}.
+
+    With C{digest_known} on a plain socket the kernel copies the file with
+    C{sendfile} and nothing is hashed; otherwise the bytes are read here,
+    hashed, and (with C{collect}) kept for the cache.  Fails with
+    L{TransferFailed} if fewer than C{length} bytes could be sent.
+    """
+    sock = direct_socket(transport)
+    if digest_known and not collect and sock is not None and hasattr(os, "sendfile"):
+        return _sendfile(transport, sock, fd, start, length)
+    return _read_and_send(transport, fd, start, length, collect)
+
+
+def _sendfile(
+    transport: Any, sock: socket.socket, fd: int, start: int, length: int
+) -> Deferred[TransferResult]:
+    done: Deferred[int] = Deferred()
+    out = sock.fileno()
+
+    def step(sent: int, count: int) -> int:
+        return os.sendfile(out, fd, start + sent, count)
+
+    transport.registerProducer(_DirectSender(transport, length, step, done), False)
+    return done.addCallback(lambda sent: TransferResult(sent))
+
+
+def _read_and_send(
+    transport: Any, fd: int, start: int, length: int, collect: bool
+) -> Deferred[TransferResult]:
+    hasher = hashlib.sha256()
+    chunks: list[bytes] = []
+    counted = [0]
+
+    def see(chunk: bytes) -> bytes:
+        hasher.update(chunk)
+        counted[0] += len(chunk)
+        if collect:
+            chunks.append(chunk)
+        return chunk
+
+    def finished(_: object) -> TransferResult:
+        if counted[0] != length:
+            raise TransferFailed("file ended early")
+        data = b"".join(chunks) if collect else None
+        return TransferResult(counted[0], hasher.hexdigest(), data)
+
+    def stopped(reason: Failure) -> Failure:
+        # FileSender fails with a bare Exception when the consumer stops it.
+        if not reason.check(TransferFailed):
+            return Failure(TransferFailed("connection lost"))
+        return reason
+
+    sender = FileSender()
+    sender.CHUNK_SIZE = FILE_CHUNK
+    d: Deferred[object] = sender.beginFileTransfer(
+        _BoundedReader(fd, start, length), transport, see
+    )
+    return d.addCallback(finished).addErrback(stopped)

@@ -1,0 +1,335 @@
+"""
+The filecache wire format, version 1: parsing requests, encoding replies and
+percent-encoding paths.  Pure functions on bytes; no I/O (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+MAX_LINE = 4096
+"""The longest request line, in bytes, not counting its terminator."""
+
+CRLF = b"\r\n"
+
+# Error codes, as they appear after "ERR ".
+NOT_FOUND = "not-found"
+BAD_REQUEST = "bad-request"
+TOO_LONG = "too-long"
+BUSY = "busy"
+UNAVAILABLE = "unavailable"
+ERROR_CODES = frozenset({NOT_FOUND, BAD_REQUEST, TOO_LONG, BUSY, UNAVAILABLE})
+
+_SAFE = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/"
+)
+_QUOTE_TABLE = [chr(b) if b in _SAFE else "%{:02X}".format(b) for b in range(256)]
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_VERSION = re.compile(rb"[0-9a-f]+(?:-[0-9a-f]+)*\Z")
+_DIGEST = re.compile(rb"[0-9a-f]{64}\Z")
+
+
+class WireError(Exception):
+    """
+    A request or reply that breaks the wire format.
+
+    @ivar code: the protocol error code that answers it.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class PathError(ValueError):
+    """
+    A path that cannot name a shared file: empty, absolute, with a C{.} or
+    C{..} component, a dot-file, a backslash or a NUL byte.
+    """
+
+
+def quote_path(path: str) -> bytes:
+    """
+    Percent-encode C{path} for the wire: every byte of its UTF-8 form outside
+    C{A-Z a-z 0-9 - . _ ~ /} becomes C{%XX}.
+    """
+    raw = path.encode("utf-8")
+    return "".join([_QUOTE_TABLE[b] for b in raw]).encode("ascii")
+
+
+def unquote_path(quoted: bytes) -> str:
+    """
+    Decode a percent-encoded path from the wire.
+
+    @raise WireError: (bad-request) on a malformed escape or a result that is
+        not UTF-8.
+    """
+    if b"%" not in quoted:
+        try:
+            return quoted.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError(BAD_REQUEST, "path is not UTF-8") from None
+    out = bytearray()
+    i = 0
+    n = len(quoted)
+    while i < n:
+        c = quoted[i]
+        if c == 0x25:  # "%"
+            pair = quoted[i + 1 : i + 3]
+            if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+                raise WireError(BAD_REQUEST, "malformed percent escape")
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError(BAD_REQUEST, "path is not UTF-8") from None
+
+
+def split_path(path: str) -> tuple[str, ...]:
+    """
+    Split a shared path into its components, refusing every form that could
+    leave the shared folder or name a hidden file.
+
+    @raise PathError: if C{path} cannot name a shared file.
+    """
+    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        raise PathError(path)
+    parts = tuple(path.split("/"))
+    for part in parts:
+        if not part or part.startswith("."):
+            raise PathError(path)
+    return parts
+
+
+# Requests
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """C{LIST} or C{LIST CACHED}."""
+
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class GetRequest:
+    """C{GET <path> [<offset>]}."""
+
+    path: str
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """C{STATS}."""
+
+
+@dataclass(frozen=True)
+class QuitRequest:
+    """C{QUIT}."""
+
+
+Request = Union[ListRequest, GetRequest, StatsRequest, QuitRequest]
+
+
+def _parse_offset(token: bytes) -> int:
+    if not token.isdigit() or len(token) > 20:
+        raise WireError(BAD_REQUEST, "offset must be a non-negative integer")
+    return int(token)
+
+
+def parse_request(line: bytes) -> Request:
+    """
+    Parse one request line (without its C{\\n}; a trailing C{\\r} is
+    ignored).
+
+    @raise WireError: with the code of the error reply that answers it.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if len(line) > MAX_LINE:
+        raise WireError(TOO_LONG, f"request line longer than {MAX_LINE} bytes")
+    words = line.split(b" ")
+    verb = words[0].upper()
+    args = words[1:]
+    if verb == b"GET":
+        if len(args) == 1 and args[0]:
+            return GetRequest(unquote_path(args[0]))
+        if len(args) == 2 and args[0]:
+            return GetRequest(unquote_path(args[0]), _parse_offset(args[1]))
+        raise WireError(BAD_REQUEST, "usage: GET <path> [<offset>]")
+    if verb == b"LIST":
+        if not args:
+            return ListRequest()
+        if len(args) == 1 and args[0].upper() == b"CACHED":
+            return ListRequest(cached=True)
+        raise WireError(BAD_REQUEST, "usage: LIST [CACHED]")
+    if verb == b"STATS" and not args:
+        return StatsRequest()
+    if verb == b"QUIT" and not args:
+        return QuitRequest()
+    if verb in (b"STATS", b"QUIT"):
+        raise WireError(BAD_REQUEST, f"{verb.decode()} takes no arguments")
+    if not verb:
+        raise WireError(BAD_REQUEST, "empty request")
+    shown = verb[:32].decode("ascii", "replace")
+    raise WireError(BAD_REQUEST, f"unknown command {shown!r}")
+
+
+def format_request(request: Request) -> bytes:
+    """Encode a request as the client sends it, terminator included."""
+    if isinstance(request, GetRequest):
+        line = b"GET " + quote_path(request.path)
+        if request.offset:
+            line += b" %d" % (request.offset,)
+    elif isinstance(request, ListRequest):
+        line = b"LIST CACHED" if request.cached else b"LIST"
+    elif isinstance(request, StatsRequest):
+        line = b"STATS"
+    else:
+        line = b"QUIT"
+    return line + b"\r\n"
+
+
+# Replies
+
+
+def format_error(code: str, message: str) -> bytes:
+    """C{ERR <code> <message>}, with anything but printable ASCII replaced."""
+    text = message.encode("ascii", "replace")
+    text = bytes(b if 0x20 <= b < 0x7F else 0x3F for b in text)
+    return b"ERR " + code.encode("ascii") + b" " + text + CRLF
+
+
+def format_get_status(size: int, version: str) -> bytes:
+    """C{OK <size> <version>}: the status line of a GET reply."""
+    return b"OK %d %s\r\n" % (size, version.encode("ascii"))
+
+
+def format_end(digest: str) -> bytes:
+    """C{END <sha256-hex>}: the line that closes a GET body."""
+    return b"END " + digest.encode("ascii") + CRLF
+
+
+@dataclass(frozen=True)
+class ListRow:
+    """One file of a C{LIST} reply."""
+
+    size: int
+    mtime: int
+    cached: bool
+    path: str
+
+
+def format_list(rows: Iterable[ListRow]) -> bytes:
+    """A whole C{LIST} reply: C{OK <n>} and one line per file."""
+    lines = [
+        b"%d %d %s %s\r\n"
+        % (row.size, row.mtime, b"C" if row.cached else b"-", quote_path(row.path))
+        for row in rows
+    ]
+    return b"OK %d\r\n" % (len(lines),) + b"".join(lines)
+
+
+def format_stats(stats: Iterable[tuple[str, int]]) -> bytes:
+    """A whole C{STATS} reply: C{OK <n>} and one C{<key> <value>} per line."""
+    lines = [b"%s %d\r\n" % (key.encode("ascii"), value) for key, value in stats]
+    return b"OK %d\r\n" % (len(lines),) + b"".join(lines)
+
+
+# Client side: parsing what the server sends
+
+
+@dataclass(frozen=True)
+class Status:
+    """
+    A parsed status line: C{OK} with its fields, or C{ERR} with its code and
+    text.
+    """
+
+    ok: bool
+    fields: tuple[bytes, ...] = ()
+    code: str = ""
+    message: str = ""
+
+
+def parse_status(line: bytes) -> Status:
+    """
+    Parse a status line sent by the server.
+
+    @raise WireError: if it is neither C{OK ...} nor C{ERR <code> ...}.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if line == b"OK" or line.startswith(b"OK "):
+        return Status(ok=True, fields=tuple(line[3:].split()))
+    if line.startswith(b"ERR "):
+        code, _, text = line[4:].partition(b" ")
+        return Status(
+            ok=False,
+            code=code.decode("ascii", "replace"),
+            message=text.decode("utf-8", "replace"),
+        )
+    raise WireError(BAD_REQUEST, "malformed status line from server")
+
+
+def parse_count(status: Status) -> int:
+    """The C{<n>} of an C{OK <n>} status (LIST, STATS)."""
+    if len(status.fields) != 1 or not status.fields[0].isdigit():
+        raise WireError(BAD_REQUEST, "malformed count in status line")
+    return int(status.fields[0])
+
+
+def parse_get_status(status: Status) -> tuple[int, str]:
+    """The C{<size>} and C{<version>} of a GET reply's C{OK} status."""
+    if len(status.fields) != 2 or not status.fields[0].isdigit():
+        raise WireError(BAD_REQUEST, "malformed GET status line")
+    if not _VERSION.match(status.fields[1]):
+        raise WireError(BAD_REQUEST, "malformed version in GET status line")
+    return int(status.fields[0]), status.fields[1].decode("ascii")
+
+
+def parse_end(line: bytes) -> str:
+    """The digest of an C{END <sha256-hex>} line."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if not line.startswith(b"END ") or not _DIGEST.match(line[4:]):
+        raise WireError(BAD_REQUEST, "malformed END line")
+    return line[4:].decode("ascii")
+
+
+def parse_list_row(line: bytes) -> ListRow:
+    """One C{<size> <mtime> <C|-> <path>} line of a LIST reply."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    parts = line.split(b" ")
+    if (
+        len(parts) != 4
+        or not parts[0].isdigit()
+        or not parts[1].lstrip(b"-").isdigit()
+        or parts[2] not in (b"C", b"-")
+    ):
+        raise WireError(BAD_REQUEST, "malformed LIST row")
+    return ListRow(
+        size=int(parts[0]),
+        mtime=int(parts[1]),
+        cached=parts[2] == b"C",
+        path=unquote_path(parts[3]),
+    )
+
+
+def parse_stats_row(line: bytes) -> tuple[str, int]:
+    """One C{<key> <value>} line of a STATS reply."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    key, _, value = line.partition(b" ")
+    if not key or not value.lstrip(b"-").isdigit():
+        raise WireError(BAD_REQUEST, "malformed STATS row")
+    return key.decode("ascii", "replace"), int(value)
