@@ -1,2 +1,295 @@
-def main() -> None:
-    raise SystemExit("not yet")
+"""
+C{filecache-client}: list a filecache daemon's folder, download files with a
+progress bar, show its figures.  Exceptions become exit statuses here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import IO, Any, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.python.failure import Failure
+
+from filecache import __version__
+from filecache.client import (
+    BrokenReply,
+    ConnectionLostEarly,
+    FileCacheClientProtocol,
+    ServerError,
+)
+from filecache.download import LocalError, Progress, fetch
+
+EXIT_OK = 0
+EXIT_SERVER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONNECTION = 3
+EXIT_INTEGRITY = 4
+EXIT_LOCAL = 5
+
+COMMANDS = ("list", "get", "stats")
+
+_EPILOG = """\
+commands:
+  list                 the shared files (--cached: only those in the cache)
+  get NAME [NAME ...]  download files into -o DIR (default .), sub-folders kept
+  stats                the server's figures
+  NAME [DIR]           download one file into DIR (use `get` for a file
+                       named list, get or stats)
+
+exit status:
+  0 success                    3 cannot connect, connection lost or timed out
+  1 the server answered ERR    4 integrity check failed (size or SHA-256)
+  2 usage error                5 local error (destination exists, cannot write)
+"""
+
+
+class UsageError(Exception):
+    """A command line that cannot be run."""
+
+
+def human_size(size: int) -> str:
+    """C{1536} -> C{1.5 KiB}."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="filecache-client",
+        description="Talk to a filecache daemon.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("host", help="the daemon's host name or address")
+    parser.add_argument("port", help="the daemon's TCP port")
+    parser.add_argument("words", nargs="+", metavar="COMMAND", help="see below")
+    parser.add_argument("-o", "--output", metavar="DIR", help="where `get` saves files")
+    parser.add_argument("--cached", action="store_true", help="list: only cached files")
+    parser.add_argument("--json", action="store_true", help="list, stats: print JSON")
+    parser.add_argument("--force", action="store_true", help="get: overwrite existing files")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up on connecting, or on a server that sends nothing, "
+        "after this long (default 30; 0 waits forever)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+class Invocation:
+    """A parsed command line."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.host: str = args.host
+        try:
+            self.port = int(args.port)
+        except ValueError:
+            raise UsageError(f"port must be a number, not {args.port!r}") from None
+        if not 0 < self.port < 65536:
+            raise UsageError(f"port out of range: {self.port}")
+        words: list[str] = args.words
+        self.command = words[0] if words[0] in COMMANDS else "get"
+        self.names: list[str] = []
+        self.folder: str = args.output or "."
+        if words[0] in ("list", "stats"):
+            if len(words) > 1:
+                raise UsageError(f"{words[0]} takes no names")
+        elif words[0] == "get":
+            self.names = words[1:]
+            if not self.names:
+                raise UsageError("get needs at least one NAME")
+        else:
+            # The seed form: NAME [DIR].
+            if len(words) > 2:
+                raise UsageError("expected NAME [DIR]; use `get` for several files")
+            self.names = [words[0]]
+            if len(words) == 2:
+                if args.output:
+                    raise UsageError("give DIR or -o DIR, not both")
+                self.folder = words[1]
+        self.cached: bool = args.cached
+        self.json: bool = args.json
+        self.force: bool = args.force
+        self.quiet: bool = args.quiet
+        self.timeout: float | None = args.timeout or None
+
+
+class TqdmProgress(Progress):
+    """A tqdm bar per file on stderr."""
+
+    def __init__(self, stream: IO[str], enabled: bool) -> None:
+        self._stream = stream
+        self._enabled = enabled
+        self._bar: Any = None
+
+    def start(self, name: str, total: int) -> None:
+        if not self._enabled:
+            return
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total,
+            desc=name,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=self._stream,
+            leave=True,
+            dynamic_ncols=True,
+        )
+
+    def advance(self, count: int) -> None:
+        if self._bar is not None:
+            self._bar.update(count)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+async def connect(reactor: Any, inv: Invocation) -> FileCacheClientProtocol:
+    from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+
+    endpoint = HostnameEndpoint(reactor, inv.host, inv.port, timeout=inv.timeout or 30)
+    protocol = FileCacheClientProtocol(timeout=inv.timeout)
+    await connectProtocol(endpoint, protocol)
+    return protocol
+
+
+def print_listing(rows: Sequence[Any], as_json: bool, out: IO[str]) -> None:
+    if as_json:
+        data = [
+            {"path": r.path, "size": r.size, "mtime": r.mtime, "cached": r.cached}
+            for r in rows
+        ]
+        json.dump(data, out, indent=1, ensure_ascii=False)
+        out.write("\n")
+        return
+    sizes = [human_size(r.size) for r in rows]
+    width = max([len(s) for s in sizes] + [4])
+    out.write(f"{'SIZE':>{width}}  C  NAME\n")
+    for row, size in zip(rows, sizes):
+        shown = row.path.encode("unicode_escape").decode("ascii") if not row.path.isprintable() else row.path
+        out.write(f"{size:>{width}}  {'C' if row.cached else '-'}  {shown}\n")
+    total = sum(r.size for r in rows)
+    cached = sum(1 for r in rows if r.cached)
+    out.write(f"{len(rows)} files, {human_size(total)}, {cached} cached\n")
+
+
+def print_stats(stats: Sequence[tuple[str, int]], as_json: bool, out: IO[str]) -> None:
+    if as_json:
+        json.dump(dict(stats), out, indent=1)
+        out.write("\n")
+        return
+    width = max([len(k) for k, _ in stats] + [1])
+    for key, value in stats:
+        out.write(f"{key:<{width}}  {value}\n")
+
+
+async def run(reactor: Any, inv: Invocation, out: IO[str], err: IO[str]) -> int:
+    """Carry out C{inv}; return the exit status.  Errors propagate."""
+    client = await connect(reactor, inv)
+    try:
+        if inv.command == "list":
+            print_listing(await client.list(inv.cached), inv.json, out)
+        elif inv.command == "stats":
+            print_stats(await client.stats(), inv.json, out)
+        else:
+            return await get_all(client, inv, out, err)
+        return EXIT_OK
+    finally:
+        client.quit()
+
+
+async def get_all(client: FileCacheClientProtocol, inv: Invocation, out: IO[str], err: IO[str]) -> int:
+    """Fetch every name; a per-file error is reported and the rest go on."""
+    status = EXIT_OK
+    show_bar = not inv.quiet and err.isatty()
+    for name in inv.names:
+        try:
+            saved, result = await fetch(
+                client,
+                name,
+                inv.folder,
+                force=inv.force,
+                progress=lambda: TqdmProgress(err, show_bar),
+            )
+        except (ServerError, LocalError, BrokenReply) as e:
+            err.write(f"filecache-client: {name}: {describe(e)}\n")
+            status = status or exit_status(e)
+            if isinstance(e, BrokenReply):
+                # The connection was aborted; nothing more can be fetched on it.
+                return status
+            continue
+        out.write(f"{saved}\n")
+    return status
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, ServerError):
+        text = {"not-found": "not found on the server"}.get(error.code)
+        return text or f"server error {error.code}: {error.message}"
+    if isinstance(error, BrokenReply):
+        return f"integrity check failed: {error}"
+    if isinstance(error, DNSLookupError):
+        return "cannot resolve the host name"
+    if isinstance(error, ConnectError):
+        return f"cannot connect: {error}".rstrip(".")
+    return str(error) or type(error).__name__
+
+
+def exit_status(error: BaseException) -> int:
+    """The one place that maps an exception to an exit status."""
+    if isinstance(error, ServerError):
+        return EXIT_SERVER_ERROR
+    if isinstance(error, UsageError):
+        return EXIT_USAGE
+    if isinstance(error, (ConnectError, ConnectionLostEarly, DNSLookupError)):
+        return EXIT_CONNECTION
+    if isinstance(error, BrokenReply):
+        return EXIT_INTEGRITY
+    if isinstance(error, LocalError):
+        return EXIT_LOCAL
+    return EXIT_CONNECTION
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script."""
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        inv = Invocation(args)
+    except UsageError as e:
+        sys.stderr.write(f"filecache-client: {e}\n")
+        raise SystemExit(EXIT_USAGE) from None
+
+    from twisted.internet.task import react
+
+    def start(reactor: Any) -> Deferred[None]:
+        d = Deferred.fromCoroutine(run(reactor, inv, sys.stdout, sys.stderr))
+
+        def done(status: int) -> None:
+            if status:
+                raise SystemExit(status)
+
+        def failed(reason: Failure) -> None:
+            if reason.check(SystemExit):
+                reason.raiseException()
+            sys.stderr.write(f"filecache-client: {describe(reason.value)}\n")
+            raise SystemExit(exit_status(reason.value))
+
+        return d.addCallbacks(done, failed)
+
+    react(start)

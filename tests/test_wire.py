@@ -1,0 +1,666 @@
+"""
+Tests for L{filecache.wire}: the pure functions that parse and format the
+version 1 wire protocol described in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from filecache import wire
+from filecache.wire import (
+    BAD_REQUEST,
+    MAX_LINE,
+    TOO_LONG,
+    GetRequest,
+    ListRequest,
+    ListRow,
+    PathError,
+    QuitRequest,
+    StatsRequest,
+    Status,
+    WireError,
+    format_end,
+    format_error,
+    format_get_status,
+    format_list,
+    format_request,
+    format_stats,
+    parse_count,
+    parse_end,
+    parse_get_status,
+    parse_list_row,
+    parse_request,
+    parse_stats_row,
+    parse_status,
+    quote_path,
+    split_path,
+    unquote_path,
+)
+
+FAST = settings(max_examples=200, deadline=None)
+
+# Any text that can be encoded to UTF-8: every code point but lone surrogates.
+utf8_text = st.text(st.characters(codec="utf-8"))
+SAFE_BYTES = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/%"
+)
+DIGEST = hashlib.sha256(b"hello").hexdigest()
+
+
+def _lines(reply: bytes) -> list[bytes]:
+    """Split a reply on CRLF, as a client reading lines would, dropping the final empty piece."""
+    assert reply.endswith(b"\r\n")
+    return reply[:-2].split(b"\r\n")
+
+
+# parse_request
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (b"LIST", ListRequest()),
+        (b"list", ListRequest()),
+        (b"List", ListRequest()),
+        (b"LIST CACHED", ListRequest(cached=True)),
+        (b"list cached", ListRequest(cached=True)),
+        (b"STATS", StatsRequest()),
+        (b"stats", StatsRequest()),
+        (b"sTaTs", StatsRequest()),
+        (b"QUIT", QuitRequest()),
+        (b"quit", QuitRequest()),
+        (b"GET a", GetRequest("a", 0)),
+        (b"get docs/readme.txt", GetRequest("docs/readme.txt", 0)),
+        (b"Get docs/readme.txt", GetRequest("docs/readme.txt", 0)),
+        (b"GET a 0", GetRequest("a", 0)),
+        (b"GET a 17", GetRequest("a", 17)),
+        (b"GET a 007", GetRequest("a", 7)),
+        (b"GET a 18446744073709551615", GetRequest("a", 18446744073709551615)),
+        (b"GET my%20notes.txt", GetRequest("my notes.txt", 0)),
+        (b"GET caf%C3%A9 3", GetRequest("caf\u00e9", 3)),
+        (b"GET %2e%2e/etc/passwd", GetRequest("../etc/passwd", 0)),
+    ],
+)
+def test_parse_request_valid(line: bytes, expected: object) -> None:
+    """Each verb parses, case-insensitively, into its request object with decoded path and offset."""
+    assert parse_request(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (b"LIST\r", ListRequest()),
+        (b"LIST CACHED\r", ListRequest(cached=True)),
+        (b"STATS\r", StatsRequest()),
+        (b"QUIT\r", QuitRequest()),
+        (b"GET a\r", GetRequest("a", 0)),
+        (b"GET a 5\r", GetRequest("a", 5)),
+    ],
+)
+def test_parse_request_ignores_trailing_cr(line: bytes, expected: object) -> None:
+    """A line ended by CRLF (so seen with a trailing CR) parses the same as one ended by LF."""
+    assert parse_request(line) == expected
+    assert parse_request(line[:-1]) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET a -1",
+        b"GET a +1",
+        b"GET a x",
+        b"GET a 1.5",
+        b"GET a 0x10",
+        b"GET a 1e3",
+        b"GET a ",
+        b"GET a \xef\xbc\x91",  # FULLWIDTH DIGIT ONE
+        b"GET a 123456789012345678901",  # 21 digits
+    ],
+)
+def test_parse_request_bad_offset(line: bytes) -> None:
+    """An offset that is not a plain decimal non-negative integer is bad-request."""
+    with pytest.raises(WireError) as info:
+        parse_request(line)
+    assert info.value.code == BAD_REQUEST
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"\r",
+        b" ",
+        b"HELLO",
+        b"GETT a",
+        b"LISTCACHED",
+        b"DELETE a",
+        b"\xff\xfe",
+        b" LIST",
+        b"GET",
+        b"GET ",
+        b"GET  a",
+        b"GET a 1 2",
+        b"GET a b c",
+        b"LIST ALL",
+        b"LIST CACHED NOW",
+        b"LIST ",
+        b"STATS now",
+        b"STATS ",
+        b"QUIT now",
+        b"QUIT ",
+        b"GET %zz",
+        b"GET %4",
+        b"GET a%",
+        b"GET %ff",
+    ],
+)
+def test_parse_request_bad_request(line: bytes) -> None:
+    """Empty lines, unknown verbs, wrong arguments and bad paths are all bad-request."""
+    with pytest.raises(WireError) as info:
+        parse_request(line)
+    assert info.value.code == BAD_REQUEST
+
+
+def test_parse_request_line_of_exactly_max_length_is_accepted() -> None:
+    """A line of exactly 4096 bytes (plus an ignored CR) is not too long."""
+    path = "a" * (MAX_LINE - len(b"GET "))
+    line = b"GET " + path.encode("ascii")
+    assert len(line) == MAX_LINE == 4096
+    assert parse_request(line) == GetRequest(path)
+    assert parse_request(line + b"\r") == GetRequest(path)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET " + b"a" * (MAX_LINE - 3),
+        b"GET " + b"a" * (MAX_LINE - 3) + b"\r",
+        b"x" * (MAX_LINE + 1),
+        b"LIST " + b" " * MAX_LINE,
+        b"\xff" * 100_000,
+    ],
+)
+def test_parse_request_too_long(line: bytes) -> None:
+    """A line over 4096 bytes (its CR not counted) is too-long, whatever it holds."""
+    with pytest.raises(WireError) as info:
+        parse_request(line)
+    assert info.value.code == TOO_LONG
+
+
+@FAST
+@given(st.binary(max_size=64))
+def test_parse_request_only_raises_wire_error(line: bytes) -> None:
+    """Arbitrary bytes either parse or raise WireError with a known code; nothing else escapes."""
+    try:
+        parse_request(line)
+    except WireError as e:
+        assert e.code in wire.ERROR_CODES
+        assert e.code == BAD_REQUEST
+
+
+@FAST
+@given(
+    st.one_of(
+        st.builds(GetRequest, utf8_text.filter(bool).map(lambda s: s[:200]), st.integers(0, 2**64)),
+        st.builds(ListRequest, st.booleans()),
+        st.just(StatsRequest()),
+        st.just(QuitRequest()),
+    )
+)
+def test_format_request_round_trips(request: object) -> None:
+    """What format_request writes, parse_request reads back as the same request."""
+    line = format_request(request)  # type: ignore[arg-type]
+    assert line.endswith(b"\r\n")
+    assert b"\n" not in line[:-1]
+    assert parse_request(line[:-1]) == request
+
+
+def test_format_request_exact_bytes() -> None:
+    """format_request writes the documented request lines, paths percent-encoded."""
+    assert format_request(ListRequest()) == b"LIST\r\n"
+    assert format_request(ListRequest(cached=True)) == b"LIST CACHED\r\n"
+    assert format_request(StatsRequest()) == b"STATS\r\n"
+    assert format_request(QuitRequest()) == b"QUIT\r\n"
+    assert format_request(GetRequest("my notes.txt")) == b"GET my%20notes.txt\r\n"
+    assert format_request(GetRequest("a", 10)) == b"GET a 10\r\n"
+
+
+# quote_path / unquote_path
+
+
+@pytest.mark.parametrize(
+    "path, quoted",
+    [
+        ("hello.txt", b"hello.txt"),
+        ("docs/readme.txt", b"docs/readme.txt"),
+        ("A-Z_a~z.0/9", b"A-Z_a~z.0/9"),
+        ("my notes.txt", b"my%20notes.txt"),
+        ("\u00e9", b"%C3%A9"),
+        ("a\nb", b"a%0Ab"),
+        ("100%", b"100%25"),
+        ("a+b&c=d?e#f", b"a%2Bb%26c%3Dd%3Fe%23f"),
+        ("\\", b"%5C"),
+        ("\x00", b"%00"),
+        ("\U0001f600", b"%F0%9F%98%80"),
+        ("", b""),
+    ],
+)
+def test_quote_path_examples(path: str, quoted: bytes) -> None:
+    """quote_path escapes every UTF-8 byte outside the safe set as upper-case %XX and nothing else."""
+    assert quote_path(path) == quoted
+    assert unquote_path(quoted) == path
+
+
+@FAST
+@given(utf8_text)
+def test_quote_unquote_round_trip(path: str) -> None:
+    """unquote_path(quote_path(p)) == p for any text that UTF-8 can encode."""
+    assert unquote_path(quote_path(path)) == path
+
+
+@FAST
+@given(utf8_text)
+def test_quote_path_output_alphabet(path: str) -> None:
+    """quote_path writes only bytes from A-Za-z0-9-._~/% and every % starts an upper-case %XX."""
+    quoted = quote_path(path)
+    assert set(quoted) <= SAFE_BYTES
+    assert re.fullmatch(rb"(?:[A-Za-z0-9\-._~/]|%[0-9A-F]{2})*", quoted)
+    # Its length is one byte per safe byte and three per escaped byte.
+    raw = path.encode("utf-8")
+    escaped = sum(1 for b in raw if b not in SAFE_BYTES or b == ord("%"))
+    assert len(quoted) == len(raw) + 2 * escaped
+
+
+@FAST
+@given(utf8_text)
+def test_unquote_accepts_lower_case_hex(path: str) -> None:
+    """unquote_path accepts lower-case %xx escapes as well as upper-case ones."""
+    lowered = re.sub(rb"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote_path(path))
+    assert unquote_path(lowered) == path
+
+
+def test_unquote_lower_case_examples() -> None:
+    """%c3%a9 and %C3%a9 both decode to e-acute; %2f decodes to a slash."""
+    assert unquote_path(b"caf%c3%a9") == "caf\u00e9"
+    assert unquote_path(b"caf%C3%a9") == "caf\u00e9"
+    assert unquote_path(b"a%2fb") == "a/b"
+    assert unquote_path(b"%2e%2e") == ".."
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    [
+        b"%",
+        b"a%",
+        b"a%4",
+        b"%4",
+        b"%zz",
+        b"%g0",
+        b"%0g",
+        b"%%41",
+        b"% 4",
+        b"%+1",
+        b"%-1",
+        b"abc%4",
+        b"%C3%A",
+    ],
+)
+def test_unquote_malformed_escape(quoted: bytes) -> None:
+    """A truncated or non-hex percent escape is bad-request."""
+    with pytest.raises(WireError) as info:
+        unquote_path(quoted)
+    assert info.value.code == BAD_REQUEST
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    [
+        b"%FF",
+        b"%ff",
+        b"%C3",  # truncated two-byte sequence
+        b"%C3%28",
+        b"%C0%AF",  # overlong "/"
+        b"%ED%A0%80",  # an encoded surrogate
+        b"%F4%90%80%80",  # beyond U+10FFFF
+        b"a%80b",
+        b"\xff",  # raw, not escaped
+        b"a\xc3",
+    ],
+)
+def test_unquote_invalid_utf8(quoted: bytes) -> None:
+    """A path whose decoded bytes are not valid UTF-8 is bad-request."""
+    with pytest.raises(WireError) as info:
+        unquote_path(quoted)
+    assert info.value.code == BAD_REQUEST
+
+
+@FAST
+@given(st.binary(max_size=64))
+def test_unquote_only_raises_wire_error(quoted: bytes) -> None:
+    """On arbitrary bytes unquote_path returns text or raises bad-request, nothing else."""
+    try:
+        result = unquote_path(quoted)
+    except WireError as e:
+        assert e.code == BAD_REQUEST
+    else:
+        assert isinstance(result, str)
+
+
+# split_path
+
+
+@pytest.mark.parametrize(
+    "path, parts",
+    [
+        ("a", ("a",)),
+        ("a/b/c", ("a", "b", "c")),
+        ("a.b", ("a.b",)),
+        ("a..b/c.", ("a..b", "c.")),
+        ("my notes.txt", ("my notes.txt",)),
+        ("\u00e9t\u00e9/\u00fc", ("\u00e9t\u00e9", "\u00fc")),
+        ("~x/-y/_z", ("~x", "-y", "_z")),
+    ],
+)
+def test_split_path_accepts(path: str, parts: tuple[str, ...]) -> None:
+    """A relative path of plain, non-dot components is split on slashes."""
+    assert split_path(path) == parts
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        "/",
+        "/abs",
+        "/etc/passwd",
+        "a//b",
+        "a/",
+        "/a/",
+        ".",
+        "..",
+        "./a",
+        "a/.",
+        "a/./b",
+        "a/../b",
+        "../a",
+        "a/..",
+        ".git/config",
+        ".hidden",
+        "a/.hidden",
+        "a/.d/b",
+        "a\\b",
+        "\\",
+        "..\\a",
+        "a\x00b",
+        "\x00",
+        "a/b\x00",
+    ],
+)
+def test_split_path_refuses(path: str) -> None:
+    """Empty, absolute, empty-component, dot-component, backslash and NUL paths raise PathError."""
+    with pytest.raises(PathError):
+        split_path(path)
+
+
+def test_path_error_is_value_error() -> None:
+    """PathError is a ValueError, so callers may catch either."""
+    assert issubclass(PathError, ValueError)
+
+
+# Replies: format_*
+
+
+def test_format_error() -> None:
+    """format_error writes ERR <code> <text> CRLF."""
+    assert format_error("not-found", "no such file") == b"ERR not-found no such file\r\n"
+
+
+def test_format_error_replaces_non_printable() -> None:
+    """format_error replaces non-ASCII and control characters in the text with '?'."""
+    assert format_error("bad-request", "caf\u00e9\r\nx\ty\x7f") == b"ERR bad-request caf????x?y?\r\n"
+
+
+@FAST
+@given(utf8_text)
+def test_format_error_text_is_printable_ascii(message: str) -> None:
+    """Whatever the message, the text of an ERR line is printable ASCII and the line has one CRLF."""
+    line = format_error("unavailable", message)
+    assert line.startswith(b"ERR unavailable ")
+    assert line.endswith(b"\r\n")
+    text = line[len(b"ERR unavailable ") : -2]
+    assert all(0x20 <= b < 0x7F for b in text)
+    status = parse_status(line[:-2])
+    assert status == Status(ok=False, code="unavailable", message=text.decode("ascii"))
+
+
+def test_format_get_status_and_end() -> None:
+    """format_get_status and format_end write the GET status and trailer lines."""
+    assert format_get_status(22, "7c8ce-16-18ea3fdc92c71808") == b"OK 22 7c8ce-16-18ea3fdc92c71808\r\n"
+    assert format_get_status(0, "0") == b"OK 0 0\r\n"
+    assert format_end(DIGEST) == b"END " + DIGEST.encode() + b"\r\n"
+
+
+def test_format_list_exact_bytes() -> None:
+    """format_list writes OK <n> then <size> <mtime> <C|-> <quoted path> rows, all CRLF-ended."""
+    rows = [
+        ListRow(22, 1795317618, False, "hello.txt"),
+        ListRow(23, 1795317618, True, "my notes.txt"),
+    ]
+    assert format_list(rows) == (
+        b"OK 2\r\n"
+        b"22 1795317618 - hello.txt\r\n"
+        b"23 1795317618 C my%20notes.txt\r\n"
+    )
+    assert format_list([]) == b"OK 0\r\n"
+
+
+def test_format_stats_exact_bytes() -> None:
+    """format_stats writes OK <n> then <key> <value> rows, all CRLF-ended."""
+    assert format_stats([("hits", 3), ("misses", 0)]) == b"OK 2\r\nhits 3\r\nmisses 0\r\n"
+    assert format_stats([]) == b"OK 0\r\n"
+
+
+# Client side: parse_*
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (b"OK", Status(ok=True, fields=())),
+        (b"OK 5", Status(ok=True, fields=(b"5",))),
+        (b"OK 5\r", Status(ok=True, fields=(b"5",))),
+        (b"OK 22 abc-16", Status(ok=True, fields=(b"22", b"abc-16"))),
+        (b"ERR not-found no such file", Status(ok=False, code="not-found", message="no such file")),
+        (b"ERR busy\r", Status(ok=False, code="busy", message="")),
+        (b"ERR too-long x y  z", Status(ok=False, code="too-long", message="x y  z")),
+    ],
+)
+def test_parse_status(line: bytes, expected: Status) -> None:
+    """parse_status splits OK fields and ERR code and text, ignoring a trailing CR."""
+    assert parse_status(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"", b"\r", b"OKAY", b"OK5", b"ERR", b"ERRnot-found", b"HELLO", b"END " + DIGEST.encode(), b" OK"],
+)
+def test_parse_status_malformed(line: bytes) -> None:
+    """A line that is neither OK ... nor ERR <code> ... raises WireError."""
+    with pytest.raises(WireError):
+        parse_status(line)
+
+
+def test_parse_count() -> None:
+    """parse_count returns the n of OK <n>."""
+    assert parse_count(parse_status(b"OK 0")) == 0
+    assert parse_count(parse_status(b"OK 12")) == 12
+
+
+@pytest.mark.parametrize("line", [b"OK", b"OK x", b"OK -1", b"OK 1 2", b"OK 1.0", b"OK +1"])
+def test_parse_count_malformed(line: bytes) -> None:
+    """An OK status without exactly one decimal count raises WireError."""
+    with pytest.raises(WireError):
+        parse_count(parse_status(line))
+
+
+@FAST
+@given(
+    st.integers(0, 2**64),
+    st.lists(st.integers(0, 2**64), min_size=1, max_size=4).map(
+        lambda ns: "-".join(f"{n:x}" for n in ns)
+    ),
+)
+def test_get_status_round_trip(size: int, version: str) -> None:
+    """parse_get_status reads back what format_get_status writes."""
+    line = format_get_status(size, version)
+    assert parse_get_status(parse_status(line[:-2])) == (size, version)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"OK",
+        b"OK 5",
+        b"OK 5 abc extra",
+        b"OK x abc",
+        b"OK -5 abc",
+        b"OK 5 ABC",
+        b"OK 5 abc-",
+        b"OK 5 -abc",
+        b"OK 5 a--b",
+        b"OK 5 xyz",
+        b"OK 5 a_b",
+    ],
+)
+def test_parse_get_status_malformed(line: bytes) -> None:
+    """A GET status without a decimal size and a lower-case hex-words version raises WireError."""
+    with pytest.raises(WireError):
+        parse_get_status(parse_status(line))
+
+
+def test_parse_end_round_trip() -> None:
+    """parse_end returns the digest format_end wrote, with or without the CR."""
+    line = format_end(DIGEST)
+    assert parse_end(line[:-2]) == DIGEST
+    assert parse_end(line[:-1]) == DIGEST
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"END",
+        b"END ",
+        b"END " + DIGEST.upper().encode(),
+        b"END " + DIGEST[:-1].encode(),
+        b"END " + DIGEST.encode() + b"0",
+        b"END " + DIGEST.encode() + b" ",
+        b"END  " + DIGEST.encode(),
+        b"end " + DIGEST.encode(),
+        b"OK " + DIGEST.encode(),
+        b"END " + b"g" * 64,
+    ],
+)
+def test_parse_end_malformed(line: bytes) -> None:
+    """Anything but END and 64 lower-case hex digits raises WireError."""
+    with pytest.raises(WireError):
+        parse_end(line)
+
+
+list_rows = st.builds(
+    ListRow,
+    size=st.integers(0, 2**64),
+    mtime=st.integers(-(2**40), 2**40),
+    cached=st.booleans(),
+    path=utf8_text.filter(bool),
+)
+
+
+@FAST
+@given(st.lists(list_rows, max_size=10))
+def test_list_round_trip(rows: list[ListRow]) -> None:
+    """Parsing the lines of format_list gives back the count and every row, in order."""
+    lines = _lines(format_list(rows))
+    assert parse_count(parse_status(lines[0])) == len(rows)
+    assert [parse_list_row(line) for line in lines[1:]] == rows
+    # A client that kept the CR parses the same.
+    assert [parse_list_row(line + b"\r") for line in lines[1:]] == rows
+
+
+def test_parse_list_row_example() -> None:
+    """parse_list_row decodes size, mtime, cached flag and percent-encoded path."""
+    assert parse_list_row(b"23 1795317618 C my%20notes.txt\r") == ListRow(
+        23, 1795317618, True, "my notes.txt"
+    )
+    assert parse_list_row(b"0 -5 - a") == ListRow(0, -5, False, "a")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"1 2 C",
+        b"1 2 C a b",
+        b"1  2 C a",
+        b"x 2 C a",
+        b"-1 2 C a",
+        b"1 x C a",
+        b"1 - C a",
+        b"1 2 c a",
+        b"1 2 X a",
+        b"1 2 CC a",
+        b"1 2 C %zz",
+        b"1 2 C %ff",
+        b"1 2.5 C a",
+        b"1 --5 C a",
+        b"1 5- C a",
+    ],
+)
+def test_parse_list_row_malformed(line: bytes) -> None:
+    """A malformed LIST row raises WireError (and nothing else)."""
+    with pytest.raises(WireError):
+        parse_list_row(line)
+
+
+@FAST
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz_"), min_size=1, max_size=20),
+            st.integers(-(2**63), 2**64),
+        ),
+        max_size=12,
+    )
+)
+def test_stats_round_trip(stats: list[tuple[str, int]]) -> None:
+    """Parsing the lines of format_stats gives back the count and every key and value, in order."""
+    lines = _lines(format_stats(stats))
+    assert parse_count(parse_status(lines[0])) == len(stats)
+    assert [parse_stats_row(line) for line in lines[1:]] == stats
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"", b"\r", b"hits", b"hits ", b"hits x", b" 5", b"hits 1 2", b"hits 1.0", b"hits -", b"hits --1", b"hits 1-"],
+)
+def test_parse_stats_row_malformed(line: bytes) -> None:
+    """A malformed STATS row raises WireError (and nothing else)."""
+    with pytest.raises(WireError):
+        parse_stats_row(line)
+
+
+@FAST
+@given(st.binary(max_size=40))
+def test_client_parsers_only_raise_wire_error(line: bytes) -> None:
+    """On arbitrary bytes each client-side parser returns a value or raises WireError, nothing else."""
+    for parse in (parse_status, parse_end, parse_list_row, parse_stats_row):
+        try:
+            parse(line)
+        except WireError:
+            pass
