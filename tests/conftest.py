@@ -1,0 +1,218 @@
+"""
+Shared fixtures: start the real daemon with twistd on a free loopback port,
+and talk to it with raw sockets; every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """The console script C{name} installed beside this Python, else on PATH."""
+    candidate = BIN / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: pip install -e '.[test]'")
+    return found
+
+
+_PORT_LINE = re.compile(rb"starting on (\d+)")
+
+
+@dataclass
+class Daemon:
+    """A filecache daemon running under twistd in a subprocess."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int = 0
+    stopped: bool = field(default=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Stop the daemon (by its PID) and wait; return its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.stopped = True
+        return self.process.returncode
+
+
+def start_daemon(
+    folder: Path, log: Path, *extra: str, port: str = "tcp:0:interface=127.0.0.1"
+) -> Daemon:
+    """Start C{twistd -n filecache} serving C{folder}; wait until it listens."""
+    args = [
+        tool("twistd"),
+        "--nodaemon",
+        "--pidfile=",
+        f"--logfile={log}",
+        "filecache",
+        "--port",
+        port,
+        "--dir",
+        str(folder),
+        *extra,
+    ]
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    daemon = Daemon(process, log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if log.exists():
+            match = _PORT_LINE.search(log.read_bytes())
+            if match:
+                daemon.port = int(match.group(1))
+                return daemon
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    daemon.stop(signal.SIGKILL)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    raise RuntimeError(f"daemon did not start (status {process.returncode}):\n{text}")
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    """An empty folder to share."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[object]:
+    """Start daemons with C{factory(folder, *args)}; all are stopped after the test."""
+    started: list[Daemon] = []
+
+    def factory(folder: Path, *extra: str, **kw: str) -> Daemon:
+        log = tmp_path / f"daemon-{len(started)}.log"
+        daemon = start_daemon(folder, log, *extra, **kw)
+        started.append(daemon)
+        return daemon
+
+    yield factory
+    for daemon in started:
+        if not daemon.stopped:
+            daemon.stop()
+
+
+@pytest.fixture
+def daemon(shared: Path, daemon_factory: object) -> Daemon:
+    """A daemon serving C{shared} with default options."""
+    return daemon_factory(shared)  # type: ignore[operator, no-any-return]
+
+
+class RawClient:
+    """A blocking socket speaking the wire protocol by hand."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            return False
+        self.buffer += chunk
+        return True
+
+    def line(self) -> bytes:
+        """The next line, with its C{\\r\\n}."""
+        while b"\n" not in self.buffer:
+            if not self._fill():
+                raise EOFError(self.buffer)
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            if not self._fill():
+                raise EOFError(len(self.buffer))
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def get(self, path: bytes, offset: int | None = None) -> tuple[bytes, bytes, bytes]:
+        """Send a GET; return (status line, body, END line)."""
+        self.send(b"GET " + path + (b" %d" % offset if offset is not None else b"") + b"\r\n")
+        return self.read_get()
+
+    def read_get(self) -> tuple[bytes, bytes, bytes]:
+        status = self.line()
+        if not status.startswith(b"OK "):
+            return status, b"", b""
+        size = int(status.split()[1])
+        body = self.exactly(size)
+        return status, body, self.line()
+
+    def rows(self, request: bytes) -> tuple[bytes, list[bytes]]:
+        self.send(request + b"\r\n")
+        status = self.line()
+        if not status.startswith(b"OK "):
+            return status, []
+        return status, [self.line() for _ in range(int(status.split()[1]))]
+
+    def closed_by_peer(self) -> bool:
+        """Whether the server closes the connection (reads to EOF)."""
+        try:
+            while self._fill():
+                pass
+        except (ConnectionResetError, socket.timeout):
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_fds(pid: int) -> int:
+    """How many descriptors process C{pid} has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.fixture
+def raw(daemon: Daemon) -> Iterator[RawClient]:
+    client = RawClient(daemon.port)
+    yield client
+    client.close()
+
+
+def run_client(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real C{filecache-client}; capture its output."""
+    return subprocess.run(
+        [tool("filecache-client"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
