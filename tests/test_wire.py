@@ -47,9 +47,7 @@ FAST = settings(max_examples=200, deadline=None)
 
 # Any text that can be encoded to UTF-8: every code point but lone surrogates.
 utf8_text = st.text(st.characters(codec="utf-8"))
-SAFE_BYTES = frozenset(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/%"
-)
+SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/%")
 DIGEST = hashlib.sha256(b"hello").hexdigest()
 
 
@@ -423,7 +421,7 @@ def test_format_error() -> None:
 
 def test_format_error_replaces_non_printable() -> None:
     """format_error replaces non-ASCII and control characters in the text with '?'."""
-    assert format_error("bad-request", "caf\u00e9\r\nx\ty\x7f") == b"ERR bad-request caf????x?y?\r\n"
+    assert format_error("bad-request", "caf\u00e9\r\nx\ty\x7f") == b"ERR bad-request caf???x?y?\r\n"
 
 
 @FAST
@@ -441,7 +439,9 @@ def test_format_error_text_is_printable_ascii(message: str) -> None:
 
 def test_format_get_status_and_end() -> None:
     """format_get_status and format_end write the GET status and trailer lines."""
-    assert format_get_status(22, "7c8ce-16-18ea3fdc92c71808") == b"OK 22 7c8ce-16-18ea3fdc92c71808\r\n"
+    assert (
+        format_get_status(22, "7c8ce-16-18ea3fdc92c71808") == b"OK 22 7c8ce-16-18ea3fdc92c71808\r\n"
+    )
     assert format_get_status(0, "0") == b"OK 0 0\r\n"
     assert format_end(DIGEST) == b"END " + DIGEST.encode() + b"\r\n"
 
@@ -453,9 +453,7 @@ def test_format_list_exact_bytes() -> None:
         ListRow(23, 1795317618, True, "my notes.txt"),
     ]
     assert format_list(rows) == (
-        b"OK 2\r\n"
-        b"22 1795317618 - hello.txt\r\n"
-        b"23 1795317618 C my%20notes.txt\r\n"
+        b"OK 2\r\n22 1795317618 - hello.txt\r\n23 1795317618 C my%20notes.txt\r\n"
     )
     assert format_list([]) == b"OK 0\r\n"
 
@@ -488,7 +486,17 @@ def test_parse_status(line: bytes, expected: Status) -> None:
 
 @pytest.mark.parametrize(
     "line",
-    [b"", b"\r", b"OKAY", b"OK5", b"ERR", b"ERRnot-found", b"HELLO", b"END " + DIGEST.encode(), b" OK"],
+    [
+        b"",
+        b"\r",
+        b"OKAY",
+        b"OK5",
+        b"ERR",
+        b"ERRnot-found",
+        b"HELLO",
+        b"END " + DIGEST.encode(),
+        b" OK",
+    ],
 )
 def test_parse_status_malformed(line: bytes) -> None:
     """A line that is neither OK ... nor ERR <code> ... raises WireError."""
@@ -647,7 +655,19 @@ def test_stats_round_trip(stats: list[tuple[str, int]]) -> None:
 
 @pytest.mark.parametrize(
     "line",
-    [b"", b"\r", b"hits", b"hits ", b"hits x", b" 5", b"hits 1 2", b"hits 1.0", b"hits -", b"hits --1", b"hits 1-"],
+    [
+        b"",
+        b"\r",
+        b"hits",
+        b"hits ",
+        b"hits x",
+        b" 5",
+        b"hits 1 2",
+        b"hits 1.0",
+        b"hits -",
+        b"hits --1",
+        b"hits 1-",
+    ],
 )
 def test_parse_stats_row_malformed(line: bytes) -> None:
     """A malformed STATS row raises WireError (and nothing else)."""
