@@ -169,18 +169,25 @@ class SharedFolder:
         the wire and are left out.
         """
         found: list[tuple[bytes, str, FileStat]] = []
-        seen_dirs = {_dir_key(os.stat(self.root))}
-        pending: list[tuple[str, str]] = [(self.root, "")]
+        # Each folder to walk carries the keys of the folders above it, so a
+        # symlink back up is not followed, while two paths to one folder
+        # are both listed (both can be fetched).
+        root_key = _dir_key(os.stat(self.root))
+        pending: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
+            (self.root, "", frozenset({root_key}))
+        ]
         while pending:
-            directory, prefix = pending.pop()
+            directory, prefix, above = pending.pop()
             try:
                 with os.scandir(directory) as entries:
                     listed = list(entries)
-            except OSError:
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) or not prefix:
+                    raise
                 continue
             for entry in listed:
                 name = entry.name
-                if name.startswith("."):
+                if name.startswith(".") or "\\" in name:
                     continue
                 try:
                     encoded = name.encode("utf-8")
@@ -199,9 +206,8 @@ class SharedFolder:
                     found.append((prefix.encode("utf-8") + encoded, wire, FileStat.of(st)))
                 elif stat.S_ISDIR(st.st_mode):
                     key = _dir_key(st)
-                    if key not in seen_dirs:
-                        seen_dirs.add(key)
-                        pending.append((entry.path, wire + "/"))
+                    if key not in above:
+                        pending.append((entry.path, wire + "/", above | {key}))
         found.sort(key=lambda item: item[0])
         return [(wire, st) for _, wire, st in found]
 

@@ -5,13 +5,16 @@ into calls on L{FileCacheServer} and streams its replies back, one at a time.
 
 from __future__ import annotations
 
-from typing import Any
+import ipaddress
+from collections import Counter
+from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -50,14 +53,21 @@ class _SendBufferGate:
         self._protocol._set_backpressure(True)
 
     def resumeProducing(self) -> None:
+        self._protocol.resetTimeout()
         self._protocol._set_backpressure(False)
 
     def stopProducing(self) -> None:
         pass
 
 
-class FileCacheProtocol(LineReceiver):
-    """One client connection of the filecache daemon."""
+class FileCacheProtocol(LineReceiver, TimeoutMixin):
+    """
+    One client connection of the filecache daemon.
+
+    Its timer runs for the factory's C{idle_timeout}: it is reset by every
+    byte received and by every step a reply makes; when it fires, an idle
+    connection is closed and a stuck reply is aborted.
+    """
 
     delimiter = b"\n"
     # A request line may be MAX_LINE bytes plus the \r of a \r\n.
@@ -92,12 +102,34 @@ class FileCacheProtocol(LineReceiver):
     # Connection events
 
     def connectionMade(self) -> None:
+        factory = self.factory
         self.peer = describe_peer(self.transport.getPeer())
-        self.factory.connection_made(self)
+        factory.connection_made(self)
         self.transport.registerProducer(self._gate, True)
+        self.callLater = factory.clock.callLater
+        self.setTimeout(factory.idle_timeout)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
         self.factory.connection_lost(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        stuck = self._replying or self._backpressure
+        self._log.info(
+            "{peer}: {what} for {seconds} s; closing",
+            peer=self.peer,
+            what="reply not read" if stuck else "idle",
+            seconds=self.factory.idle_timeout,
+        )
+        if stuck:
+            # A polite close would wait on a send buffer that never drains.
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         reply = error_reply(wire.TOO_LONG, f"request line longer than {wire.MAX_LINE} bytes")
@@ -146,7 +178,9 @@ class FileCacheProtocol(LineReceiver):
         body = reply.body
         d: Deferred[TransferResult]
         if isinstance(body, MemoryBody):
-            d = send_memory(transport, body.data, body.start).addCallback(TransferResult)
+            d = send_memory(
+                transport, body.data, body.start, on_progress=self.resetTimeout
+            ).addCallback(TransferResult)
         else:
             d = send_file(
                 transport,
@@ -155,6 +189,7 @@ class FileCacheProtocol(LineReceiver):
                 body.length,
                 digest_known=body.digest is not None,
                 collect=body.fill,
+                on_progress=self.resetTimeout,
             )
         d.addCallbacks(
             self._body_sent,
@@ -170,6 +205,7 @@ class FileCacheProtocol(LineReceiver):
         self.factory.server.counters.bytes_sent += reply.size
         self._access(line, reply, started)
         if self._replying:
+            self.resetTimeout()
             self._set_replying(False)
 
     def _body_sent(
@@ -197,6 +233,7 @@ class FileCacheProtocol(LineReceiver):
         self.transport.write(wire.format_end(digest))
         self._access(line, reply, started)
         self.transport.registerProducer(self._gate, True)
+        self.resetTimeout()
         self._set_replying(False)
 
     def _body_failed(
@@ -227,11 +264,43 @@ class FileCacheProtocol(LineReceiver):
         )
 
 
+class _Refusal(Protocol):
+    """Says C{ERR busy ...} and hangs up: the answer past a connection limit."""
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def connectionMade(self) -> None:
+        self.transport.write(wire.format_error(wire.BUSY, self._message))
+        self.transport.loseConnection()
+
+
+def parse_allow(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """
+    Networks from C{10.0.0.0/8,192.168.1.7,::1}.
+
+    @raise ValueError: on anything that is not an address or network.
+    """
+    networks = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            networks.append(ipaddress.ip_network(part, strict=False))
+    if not networks:
+        raise ValueError("empty allow-list")
+    return networks
+
+
 class FileCacheFactory(Factory):
-    """Builds L{FileCacheProtocol}s that share one L{FileCacheServer}."""
+    """
+    Builds L{FileCacheProtocol}s that share one L{FileCacheServer}, within
+    the connection limits and the allow-list.
+    """
 
     protocol = FileCacheProtocol
     noisy = False
+    _log = Logger()
+    _REMEMBERED_REFUSALS = 10_000
 
     def __init__(
         self,
@@ -239,17 +308,62 @@ class FileCacheFactory(Factory):
         *,
         clock: IReactorTime | None = None,
         access_log: bool = True,
+        idle_timeout: float | None = 120,
+        max_connections: int = 1024,
+        max_per_ip: int = 64,
+        allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.server = server
         self.clock: Any = clock
         self.access_log = access_log
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.allow = list(allow) if allow is not None else None
+        self._per_host: Counter[str] = Counter()
+        self._refused_hosts: set[str] = set()
+
+    def _allowed(self, host: str) -> bool:
+        assert self.allow is not None
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allow)
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        host = getattr(addr, "host", None)
+        if self.allow is not None and host is not None and not self._allowed(host):
+            if host not in self._refused_hosts:
+                # Once per address, so a flood cannot flood the log too.
+                if len(self._refused_hosts) < self._REMEMBERED_REFUSALS:
+                    self._refused_hosts.add(host)
+                self._log.warn("refused connection from {host}: not in --allow", host=host)
+            return None
+        key = host or "local"
+        if self.server.counters.connections_active >= self.max_connections:
+            return _Refusal("too many connections; try again later")
+        if self._per_host[key] >= self.max_per_ip:
+            return _Refusal("too many connections from your address; try again later")
+        return super().buildProtocol(addr)
 
     def connection_made(self, protocol: FileCacheProtocol) -> None:
         counters = self.server.counters
         counters.connections_active += 1
         counters.connections_total += 1
+        self._per_host[self._host_of(protocol)] += 1
 
     def connection_lost(self, protocol: FileCacheProtocol) -> None:
         self.server.counters.connections_active -= 1
+        key = self._host_of(protocol)
+        self._per_host[key] -= 1
+        if self._per_host[key] <= 0:
+            del self._per_host[key]
+
+    @staticmethod
+    def _host_of(protocol: FileCacheProtocol) -> str:
+        return getattr(protocol.transport.getPeer(), "host", None) or "local"

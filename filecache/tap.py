@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from filecache.cache import FifoCache
 from filecache.folder import SharedFolder
-from filecache.protocol import FileCacheFactory
+from filecache.protocol import FileCacheFactory, parse_allow
 from filecache.server import FileCacheServer
 
 T = TypeVar("T")
@@ -92,6 +92,34 @@ class Options(usage.Options):
             "Memory cache budget: bytes, or a number with K, M or G (binary "
             "units). Files larger than this are streamed from disk, never cached.",
         ],
+        [
+            "idle-timeout",
+            None,
+            "120",
+            "Close a connection that sends no request for this many seconds, "
+            "and abort a reply the client accepts no bytes of for as long. 0: never.",
+        ],
+        [
+            "max-connections",
+            None,
+            "1024",
+            "Connections served at once; one more is answered ERR busy and closed.",
+        ],
+        [
+            "max-per-ip",
+            None,
+            "64",
+            "Connections served at once from one client address; one more is "
+            "answered ERR busy and closed.",
+        ],
+        [
+            "allow",
+            None,
+            None,
+            "Serve only clients in these networks: CIDR[,CIDR...] such as "
+            "10.0.0.0/8,192.168.1.7,::1 (default: everyone). Others are closed "
+            "before a byte is read.",
+        ],
     ]
     optFlags = [
         ["no-access-log", None, "Do not log a line for every reply."],
@@ -108,6 +136,26 @@ class Options(usage.Options):
         except ValueError as e:
             raise ConfigError(f"--cache-size: {e}") from None
         self["port"] = endpoint_description(self["port"])
+        self["idle-timeout"] = _number("--idle-timeout", self["idle-timeout"], float) or None
+        for name in ("max-connections", "max-per-ip"):
+            self[name] = _number(f"--{name}", self[name], int)
+            if self[name] < 1:
+                raise ConfigError(f"--{name} must be at least 1")
+        if self["allow"] is not None:
+            try:
+                self["allow"] = parse_allow(self["allow"])
+            except ValueError as e:
+                raise ConfigError(f"--allow: {e}") from None
+
+
+def _number(option: str, text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{option}: not a number: {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"{option} must not be negative")
+    return value
 
 
 class ThreadPoolService(Service):
@@ -164,7 +212,13 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         run_blocking=pool.run,
     )
     factory = FileCacheFactory(
-        server, clock=reactor, access_log=not config["no-access-log"]
+        server,
+        clock=reactor,
+        access_log=not config["no-access-log"],
+        idle_timeout=config["idle-timeout"],
+        max_connections=config["max-connections"],
+        max_per_ip=config["max-per-ip"],
+        allow=config["allow"],
     )
     listener = StreamServerEndpointService(serverFromString(reactor, config["port"]), factory)
     listener._raiseSynchronously = True

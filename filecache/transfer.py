@@ -81,10 +81,12 @@ class _DirectSender:
         length: int,
         step: Callable[[int, int], int],
         done: Deferred[int],
+        on_progress: Callable[[], object],
     ) -> None:
         self._transport = transport
         self._length = length
         self._step = step
+        self._on_progress = on_progress
         self._sent = 0
         self._done: Deferred[int] | None = done
         self._started = False
@@ -110,6 +112,9 @@ class _DirectSender:
             return
         except OSError as e:
             return self._finish(TransferFailed(f"send failed: {e.strerror or e}"))
+        finally:
+            if budget < TURN:
+                self._on_progress()
         if self._sent < self._length:
             self._transport.startWriting()
             return
@@ -135,8 +140,14 @@ class _SliceSender:
     """Writes slices of in-memory bytes until the transport pushes back."""
 
     def __init__(
-        self, consumer: IConsumer, data: bytes, start: int, done: Deferred[int]
+        self,
+        consumer: IConsumer,
+        data: bytes,
+        start: int,
+        done: Deferred[int],
+        on_progress: Callable[[], object],
     ) -> None:
+        self._on_progress = on_progress
         self._consumer = consumer
         self._data = data
         self._pos = start
@@ -146,6 +157,7 @@ class _SliceSender:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._on_progress()
         end = len(self._data)
         while not self._paused and self._pos < end and self._done is not None:
             piece = self._data[self._pos : self._pos + SLICE]
@@ -187,10 +199,21 @@ class _BoundedReader:
         return chunk
 
 
-def send_memory(transport: Any, data: bytes, start: int) -> Deferred[int]:
+def _nothing() -> None:
+    pass
+
+
+def send_memory(
+    transport: Any,
+    data: bytes,
+    start: int,
+    *,
+    on_progress: Callable[[], object] = _nothing,
+) -> Deferred[int]:
     """
     Stream C{data[start:]} to C{transport}.  Fires with the bytes sent, or
-    fails with L{TransferFailed}.
+    fails with L{TransferFailed}.  C{on_progress} is called whenever the
+    peer has taken more bytes.
     """
     done: Deferred[int] = Deferred()
     length = len(data) - start
@@ -202,9 +225,10 @@ def send_memory(transport: Any, data: bytes, start: int) -> Deferred[int]:
             pos = start + sent
             return sock.send(view[pos : pos + count])
 
-        transport.registerProducer(_DirectSender(transport, length, step, done), False)
+        sender = _DirectSender(transport, length, step, done, on_progress)
+        transport.registerProducer(sender, False)
     else:
-        producer = _SliceSender(transport, data, start, done)
+        producer = _SliceSender(transport, data, start, done, on_progress)
         transport.registerProducer(producer, True)
         producer.resumeProducing()
     return done
@@ -218,6 +242,7 @@ def send_file(
     *,
     digest_known: bool,
     collect: bool,
+    on_progress: Callable[[], object] = _nothing,
 ) -> Deferred[TransferResult]:
     """
     Stream C{length} bytes of C{fd} from C{start} to C{transport}.
@@ -229,12 +254,17 @@ def send_file(
     """
     sock = direct_socket(transport)
     if digest_known and not collect and sock is not None and hasattr(os, "sendfile"):
-        return _sendfile(transport, sock, fd, start, length)
-    return _read_and_send(transport, fd, start, length, collect)
+        return _sendfile(transport, sock, fd, start, length, on_progress)
+    return _read_and_send(transport, fd, start, length, collect, on_progress)
 
 
 def _sendfile(
-    transport: Any, sock: socket.socket, fd: int, start: int, length: int
+    transport: Any,
+    sock: socket.socket,
+    fd: int,
+    start: int,
+    length: int,
+    on_progress: Callable[[], object],
 ) -> Deferred[TransferResult]:
     done: Deferred[int] = Deferred()
     out = sock.fileno()
@@ -242,18 +272,26 @@ def _sendfile(
     def step(sent: int, count: int) -> int:
         return os.sendfile(out, fd, start + sent, count)
 
-    transport.registerProducer(_DirectSender(transport, length, step, done), False)
+    sender = _DirectSender(transport, length, step, done, on_progress)
+    transport.registerProducer(sender, False)
     return done.addCallback(lambda sent: TransferResult(sent))
 
 
 def _read_and_send(
-    transport: Any, fd: int, start: int, length: int, collect: bool
+    transport: Any,
+    fd: int,
+    start: int,
+    length: int,
+    collect: bool,
+    on_progress: Callable[[], object],
 ) -> Deferred[TransferResult]:
     hasher = hashlib.sha256()
     chunks: list[bytes] = []
     counted = [0]
 
     def see(chunk: bytes) -> bytes:
+        # FileSender reads the next chunk only once the last one was taken.
+        on_progress()
         hasher.update(chunk)
         counted[0] += len(chunk)
         if collect:

@@ -29,6 +29,7 @@ _QUOTE_TABLE = [chr(b) if b in _SAFE else "%{:02X}".format(b) for b in range(256
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _VERSION = re.compile(rb"[0-9a-f]+(?:-[0-9a-f]+)*\Z")
 _DIGEST = re.compile(rb"[0-9a-f]{64}\Z")
+_INTEGER = re.compile(rb"-?[0-9]+\Z")
 
 
 class WireError(Exception):
@@ -313,7 +314,7 @@ def parse_list_row(line: bytes) -> ListRow:
     if (
         len(parts) != 4
         or not parts[0].isdigit()
-        or not parts[1].lstrip(b"-").isdigit()
+        or not _INTEGER.match(parts[1])
         or parts[2] not in (b"C", b"-")
     ):
         raise WireError(BAD_REQUEST, "malformed LIST row")
@@ -330,6 +331,6 @@ def parse_stats_row(line: bytes) -> tuple[str, int]:
     if line.endswith(b"\r"):
         line = line[:-1]
     key, _, value = line.partition(b" ")
-    if not key or not value.lstrip(b"-").isdigit():
+    if not key or not _INTEGER.match(value):
         raise WireError(BAD_REQUEST, "malformed STATS row")
     return key.decode("ascii", "replace"), int(value)
