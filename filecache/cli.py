@@ -12,7 +12,9 @@ from typing import IO, Any, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from filecache import __version__
 from filecache.client import (
@@ -84,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up on connecting, or on a server that sends nothing, "
         "after this long (default 30; 0 waits forever)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, verifying the server's certificate against the "
+        "system's trusted CAs (or --cafile)",
+    )
+    parser.add_argument("--cafile", metavar="FILE", help="with --tls: trust the CA certificates in FILE (PEM)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --tls: do not verify the certificate (anyone in the path can read and change the data)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -124,6 +138,13 @@ class Invocation:
         self.force: bool = args.force
         self.quiet: bool = args.quiet
         self.timeout: float | None = args.timeout or None
+        if args.timeout < 0:
+            raise UsageError("--timeout must not be negative")
+        self.tls: bool = args.tls or bool(args.cafile) or args.insecure
+        self.cafile: str | None = args.cafile
+        self.insecure: bool = args.insecure
+        if self.insecure and self.cafile:
+            raise UsageError("give --cafile or --insecure, not both")
 
 
 class TqdmProgress(Progress):
@@ -160,10 +181,56 @@ class TqdmProgress(Progress):
             self._bar = None
 
 
-async def connect(reactor: Any, inv: Invocation) -> FileCacheClientProtocol:
-    from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+def tls_creator(inv: Invocation, err: IO[str]) -> Any:
+    """The TLS client settings for C{inv}: verified, against C{--cafile}, or not at all."""
+    try:
+        from twisted.internet import ssl
+    except ImportError:  # pragma: no cover - depends on the install
+        raise UsageError("--tls needs the TLS extra: pip install 'filecache[tls]'") from None
+    if inv.insecure:
+        err.write("filecache-client: warning: --insecure: the server's certificate is not checked\n")
+        return _UnverifiedTLS(inv.host)
+    if inv.cafile:
+        try:
+            with open(inv.cafile, "rb") as f:
+                trust: Any = ssl.Certificate.loadPEM(f.read())
+        except OSError as e:
+            raise UsageError(f"--cafile {inv.cafile}: {e.strerror}") from None
+        except Exception as e:
+            raise UsageError(f"--cafile {inv.cafile}: not a PEM certificate ({e})") from None
+    else:
+        trust = ssl.platformTrust()
+    return ssl.optionsForClientTLS(inv.host, trustRoot=trust)
 
-    endpoint = HostnameEndpoint(reactor, inv.host, inv.port, timeout=inv.timeout or 30)
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedTLS:
+    """TLS with no certificate check at all (--insecure); SNI still sent."""
+
+    def __init__(self, host: str) -> None:
+        from twisted.internet import ssl
+
+        self._host = host
+        self._context = ssl.CertificateOptions(verify=False).getContext()
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        from OpenSSL import SSL
+
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tls_protocol)
+        try:
+            connection.set_tlsext_host_name(self._host.encode("idna"))
+        except (UnicodeError, ValueError):
+            pass
+        return connection
+
+
+async def connect(reactor: Any, inv: Invocation, err: IO[str]) -> FileCacheClientProtocol:
+    from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+
+    endpoint: Any = HostnameEndpoint(reactor, inv.host, inv.port, timeout=inv.timeout or 30)
+    if inv.tls:
+        endpoint = wrapClientTLS(tls_creator(inv, err), endpoint)
     protocol = FileCacheClientProtocol(timeout=inv.timeout)
     await connectProtocol(endpoint, protocol)
     return protocol
@@ -201,7 +268,7 @@ def print_stats(stats: Sequence[tuple[str, int]], as_json: bool, out: IO[str]) -
 
 async def run(reactor: Any, inv: Invocation, out: IO[str], err: IO[str]) -> int:
     """Carry out C{inv}; return the exit status.  Errors propagate."""
-    client = await connect(reactor, inv)
+    client = await connect(reactor, inv, err)
     try:
         if inv.command == "list":
             print_listing(await client.list(inv.cached), inv.json, out)

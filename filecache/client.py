@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -179,7 +179,7 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
 
     def _request(self, request: wire.Request, op: _Operation) -> Deferred[Any]:
         if self._failed is not None:
-            return Deferred.fromFailure(self._failed)
+            return fail(self._failed)
         self._queue.append((wire.format_request(request), op))
         self._next()
         return op.deferred
@@ -249,7 +249,7 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.setTimeout(None)
-        failure = self._failed or Failure(ConnectionLostEarly(_lost_text(self._current)))
+        failure = self._failed or Failure(ConnectionLostEarly(_lost_text(self._current, reason)))
         if self._failed is None:
             self._failed = failure
         pending = [op for _, op in self._queue]
@@ -261,7 +261,30 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
             op.deferred.errback(failure)
 
 
-def _lost_text(op: _Operation | None) -> str:
+def _lost_text(op: _Operation | None, reason: Failure) -> str:
+    tls = _tls_error(reason)
+    if tls:
+        return f"TLS handshake failed: {tls}"
     if isinstance(op, _Get) and op.received:
         return f"connection lost after {op.received} bytes of the file"
     return "connection lost"
+
+
+def _tls_error(reason: Failure) -> str | None:
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - TLS extra not installed
+        return None
+    try:
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover - TLS extra not installed
+        pass
+    else:
+        if reason.check(VerificationError):
+            return f"the certificate does not match the host name: {reason.value}"
+    if reason.check(SSL.Error):
+        detail = reason.value.args[0] if reason.value.args else reason.value
+        if isinstance(detail, list) and detail and isinstance(detail[0], tuple):
+            return "; ".join(str(part[-1]) for part in detail)
+        return str(detail) or "certificate rejected"
+    return None

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Protocol, TypeVar, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from filecache import wire
@@ -37,7 +37,7 @@ def run_now(work: Callable[[], T]) -> Deferred[T]:
     try:
         return succeed(work())
     except BaseException:
-        return Deferred.fromFailure(Failure())
+        return fail(Failure())
 
 
 def sha256_hex(data: bytes | memoryview) -> str:
