@@ -6,6 +6,7 @@ into calls on L{FileCacheServer} and streams its replies back, one at a time.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections import Counter
 from typing import Any, Sequence
 
@@ -35,7 +36,10 @@ def describe_peer(address: IAddress) -> str:
     port = getattr(address, "port", None)
     if host is not None and port is not None:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return getattr(address, "name", None) or type(address).__name__
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    return name or type(address).__name__
 
 
 @implementer(IPushProducer)
@@ -79,6 +83,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def __init__(self) -> None:
         self._replying = False
         self._backpressure = False
+        self._lines = 0
         self._gate = _SendBufferGate(self)
         self.peer = "-"
 
@@ -110,12 +115,18 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(factory.idle_timeout)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected = False
         self.setTimeout(None)
         self.factory.connection_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        # Bytes that only lengthen an unfinished line do not postpone the
+        # timer: a request line must arrive whole within the timeout, so a
+        # client sending a byte a second cannot hold a connection forever.
+        lines = self._lines
         super().dataReceived(data)
+        if self._lines != lines or not self._buffer:
+            self.resetTimeout()
 
     def timeoutConnection(self) -> None:
         stuck = self._replying or self._backpressure
@@ -132,12 +143,15 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        self.factory.server.counters.requests += 1
         reply = error_reply(wire.TOO_LONG, f"request line longer than {wire.MAX_LINE} bytes")
         self.transport.write(reply.data)
         self._access(b"(too long)", reply, self.factory.clock.seconds())
         self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
+        self._lines += 1
+        self.factory.server.counters.requests += 1
         started = self.factory.clock.seconds()
         try:
             request = wire.parse_request(line)
@@ -173,8 +187,12 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             return
         self._set_replying(True)
         transport = self.transport
-        transport.write(reply.data)
+        # The gate comes off before the status line is written: a pause the
+        # transport gave it now would never be lifted (the body's producer
+        # is resumed instead), and reading is held by _replying meanwhile.
         transport.unregisterProducer()
+        self._backpressure = False
+        transport.write(reply.data)
         body = reply.body
         d: Deferred[TransferResult]
         if isinstance(body, MemoryBody):
@@ -230,9 +248,9 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self._access(line, reply, started, "cut")
             self.transport.abortConnection()
             return
+        self.transport.registerProducer(self._gate, True)
         self.transport.write(wire.format_end(digest))
         self._access(line, reply, started)
-        self.transport.registerProducer(self._gate, True)
         self.resetTimeout()
         self._set_replying(False)
 

@@ -144,7 +144,6 @@ class FileCacheServer:
 
     def respond(self, request: wire.Request) -> Reply | Deferred[Reply]:
         """The reply to C{request} (QUIT is the protocol's business)."""
-        self.counters.requests += 1
         if isinstance(request, wire.GetRequest):
             return self._get(request)
         if isinstance(request, wire.ListRequest):

@@ -132,8 +132,12 @@ def daemon(shared: Path, daemon_factory: object) -> Daemon:
 class RawClient:
     """A blocking socket speaking the wire protocol by hand."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 10, source: str | None = None
+    ) -> None:
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.buffer = b""
 
     def send(self, data: bytes) -> None:
@@ -182,11 +186,13 @@ class RawClient:
         return status, [self.line() for _ in range(int(status.split()[1]))]
 
     def closed_by_peer(self) -> bool:
-        """Whether the server closes the connection (reads to EOF)."""
+        """Whether the server closes the connection (EOF or reset) before the timeout."""
         try:
             while self._fill():
                 pass
-        except (ConnectionResetError, socket.timeout):
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
             return False
         return True
 
