@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -380,23 +381,69 @@ def test_file_changed_on_disk_is_served_fresh(shared: Path, daemon: Daemon, raw:
     assert raw.rows(b"LIST CACHED")[0] == b"OK 0\r\n"
 
 
-def test_hostile_paths_get_not_found(shared: Path, tmp_path: Path, daemon: Daemon, raw: RawClient) -> None:
-    """Paths that leave the folder or name non-files are all plain not-found."""
+HOSTILE = [
+    # (request path, expected status line)
+    (b"../outside.txt", b"ERR not-found no such file\r\n"),
+    (b"%2e%2e/outside.txt", b"ERR not-found no such file\r\n"),
+    (b"%2E%2E%2Foutside.txt", b"ERR not-found no such file\r\n"),
+    (b"sub%2f..%2f..%2foutside.txt", b"ERR not-found no such file\r\n"),
+    (b"/etc/passwd", b"ERR not-found no such file\r\n"),
+    (b"%2fetc%2fpasswd", b"ERR not-found no such file\r\n"),
+    (b"sub/../../outside.txt", b"ERR not-found no such file\r\n"),
+    (b"..%5coutside.txt", b"ERR not-found no such file\r\n"),
+    (b"sub\\..\\..\\outside.txt", b"ERR not-found no such file\r\n"),
+    (b"ok.txt%00", b"ERR not-found no such file\r\n"),
+    (b"ok.txt%00.png", b"ERR not-found no such file\r\n"),
+    (b".secret", b"ERR not-found no such file\r\n"),
+    (b"./ok.txt", b"ERR not-found no such file\r\n"),
+    (b"sub/./ok.txt", b"ERR not-found no such file\r\n"),
+    (b".git/config", b"ERR not-found no such file\r\n"),
+    (b"sub//ok.txt", b"ERR not-found no such file\r\n"),
+    (b"link-out", b"ERR not-found no such file\r\n"),
+    (b"link-out-dir/passwd", b"ERR not-found no such file\r\n"),
+    (b"link-to-dot", b"ERR not-found no such file\r\n"),
+    (b"loop-a", b"ERR not-found no such file\r\n"),
+    (b"loop-self/x", b"ERR not-found no such file\r\n"),
+    (b"sub", b"ERR not-found no such file\r\n"),
+    (b"fifo", b"ERR not-found no such file\r\n"),
+    (b"null-device", b"ERR not-found no such file\r\n"),
+    (b"link-dev-null", b"ERR not-found no such file\r\n"),
+    (b"a/" * 2000 + b"b", b"ERR not-found no such file\r\n"),
+    # Overlong and invalid UTF-8 cannot name any file: refused as malformed.
+    (b"%C0%AE%C0%AE/outside.txt", b"ERR bad-request path is not UTF-8\r\n"),
+    (b"%FF%FE", b"ERR bad-request path is not UTF-8\r\n"),
+    (b"%zz", b"ERR bad-request malformed percent escape\r\n"),
+]
+
+
+def test_hostile_paths(shared: Path, tmp_path: Path, daemon: Daemon, raw: RawClient) -> None:
+    """Every path that leaves the folder or names a non-file is refused, with no hint, and the connection goes on."""
     (tmp_path / "outside.txt").write_bytes(b"outside")
     write(shared, ".secret", b"s")
+    write(shared, ".git/config", b"[core]")
     write(shared, "ok.txt", b"ok")
     (shared / "link-out").symlink_to(tmp_path / "outside.txt")
+    (shared / "link-out-dir").symlink_to("/etc")
+    (shared / "link-to-dot").symlink_to(shared / ".secret")
+    (shared / "loop-a").symlink_to("loop-b")
+    (shared / "loop-b").symlink_to("loop-a")
+    (shared / "loop-self").symlink_to("loop-self")
+    (shared / "link-dev-null").symlink_to("/dev/null")
     (shared / "sub").mkdir()
     os.mkfifo(shared / "fifo")
-    for path in [
-        b"../outside.txt", b"%2e%2e/outside.txt", b"%2E%2E%2Foutside.txt", b"/etc/passwd",
-        b"sub/../../outside.txt", b".secret", b"link-out", b"sub", b"fifo", b"ok.txt%00",
-        b"..%5coutside.txt", b"sub//ok.txt",
-    ]:
-        status = raw.get(path)[0]
-        assert status == b"ERR not-found no such file\r\n", path
+    os.mknod(shared / "null-device", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    for path, expected in HOSTILE:
+        assert raw.get(path)[0] == expected, path
     assert raw.get(b"ok.txt")[1] == b"ok"
-    assert raw.rows(b"LIST")[1] == [b"2 " + str(int((shared / "ok.txt").stat().st_mtime)).encode() + b" C ok.txt\r\n"]
+    mtime = int((shared / "ok.txt").stat().st_mtime)
+    assert raw.rows(b"LIST")[1] == [b"2 %d C ok.txt\r\n" % mtime]
+
+
+def test_path_of_ten_thousand_components(daemon: Daemon, raw: RawClient) -> None:
+    """A path of 10,000 components does not fit a request line: ERR too-long and closed."""
+    raw.send(b"GET " + b"a/" * 10_000 + b"b\r\n")
+    assert raw.line().startswith(b"ERR too-long ")
+    assert raw.closed_by_peer()
 
 
 def test_too_long_line_closes(daemon: Daemon, raw: RawClient) -> None:
