@@ -607,8 +607,13 @@ static void on_readable(worker_t *w, conn_t *c)
                 w->reconnects++;
                 start_next(w, c);
             } else {
-                note_error(w, "connection closed mid-reply (%llu body bytes missing)",
-                           (unsigned long long)c->body_left);
+                if (c->state == ST_BODY)
+                    note_error(w, "connection closed mid-body (%llu bytes missing)",
+                               (unsigned long long)c->body_left);
+                else if (c->state == ST_TRAIL)
+                    note_error(w, "connection closed before the END line");
+                else
+                    note_error(w, "connection closed before a reply");
                 conn_fail(w, c);
             }
             return;
@@ -739,7 +744,8 @@ static void usage(FILE *f)
             "Prints one JSON object: requests, errors, bytes, seconds, requests_per_s,\n"
             "mb_per_s (10^6 bytes/s of successful replies' bodies, partial ones included),\n"
             "latency_ms {p50,p90,p99,max,mean} of successful replies, client_cpu_s\n"
-            "(this process's user+system CPU time, setup included).\n");
+            "(this process's user+system CPU time, setup included) and client_sys_s\n"
+            "(the system part of it).\n");
 }
 
 int main(int argc, char **argv)
@@ -808,7 +814,7 @@ int main(int argc, char **argv)
         w->nconns = g_conns / g_threads + (i < g_conns % g_threads);
         w->conns = conns + given;
         given += w->nconns;
-        w->rng = 0x9E3779B97F4A7C15ull * (uint64_t)(i + 1) ^ (uint64_t)time(NULL);
+        w->rng = (0x9E3779B97F4A7C15ull * (uint64_t)(i + 1)) ^ (uint64_t)time(NULL);
         w->epfd = epoll_create1(EPOLL_CLOEXEC);
         w->scratch = malloc(SCRATCH);
         if (w->epfd < 0 || !w->scratch)
@@ -847,8 +853,8 @@ int main(int argc, char **argv)
     double secs = (double)(t_end - g_t0) / 1e9;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
-                 (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+    double cpu_user = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6;
+    double cpu_sys = (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
     if (secs <= 0)
         secs = 1e-9;
 
@@ -858,13 +864,13 @@ int main(int argc, char **argv)
            "\"mode\":\"%s\",\"requests\":%llu,\"errors\":%llu,\"reconnects\":%llu,"
            "\"bytes\":%llu,\"seconds\":%.4f,\"requests_per_s\":%.1f,\"mb_per_s\":%.1f,"
            "\"latency_ms\":{\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"max\":%.3f,\"mean\":%.3f},"
-           "\"client_cpu_s\":%.3f,\"timed_out\":%s,\"first_error\":",
+           "\"client_cpu_s\":%.3f,\"client_sys_s\":%.3f,\"timed_out\":%s,\"first_error\":",
            g_proto == PROTO_FC ? "fc" : "http", g_conns, g_threads, g_nreqs,
            g_cold ? "cold" : g_duration ? "duration" : "count", (unsigned long long)requests,
            (unsigned long long)errors, (unsigned long long)reconnects, (unsigned long long)bytes,
            secs, (double)requests / secs, (double)bytes / secs / 1e6, pct_ms(lat, nlat, 50),
            pct_ms(lat, nlat, 90), pct_ms(lat, nlat, 99), nlat ? (double)lat[nlat - 1] / 1e6 : 0.0,
-           nlat ? sum / (double)nlat / 1e6 : 0.0, cpu, atomic_load(&g_timed_out) ? "true" : "false");
+           nlat ? sum / (double)nlat / 1e6 : 0.0, cpu_user + cpu_sys, cpu_sys, atomic_load(&g_timed_out) ? "true" : "false");
     json_string(g_first_error);
     printf("}\n");
     return 0;

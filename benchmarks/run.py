@@ -37,6 +37,7 @@ LOADGEN = BUILD / "loadgen"
 LOOPBACK = "127.0.0.1"
 CACHE_SIZE = "64M"
 CACHE_BYTES = 64 << 20
+MAX_PER_IP = 1024
 
 SMALL_FILES = 1_000
 SMALL_SIZE = 4096
@@ -179,7 +180,7 @@ def wait_listening(
     )
 
 
-def tail(log: Path, lines: int = 15) -> str:
+def tail(log: Path, lines: int = 8) -> str:
     try:
         text = log.read_text(errors="replace").splitlines()
     except OSError:
@@ -221,6 +222,20 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo.extend(children.get(pid, []))
     return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by these processes."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -380,6 +395,37 @@ def twistd() -> str:
     return path
 
 
+def filecache_options() -> str:
+    """The daemon's --help text, to see which options this version has."""
+    done = subprocess.run(
+        [twistd(), "filecache", "--help"], check=False, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+def filecache_argv(port: int, folder: Path, args: argparse.Namespace) -> list[str]:
+    argv = [
+        twistd(),
+        "-n",
+        "--pidfile=",
+        "filecache",
+        "--port",
+        f"tcp:{port}:interface={LOOPBACK}",
+        "--dir",
+        str(folder),
+        "--cache-size",
+        CACHE_SIZE,
+        "--no-access-log",
+    ]
+    if args.workers:
+        argv += ["--workers", str(args.workers)]
+    if "--max-per-ip" in args.filecache_help:
+        # Every benchmark client comes from 127.0.0.1: a per-address limit
+        # meant for the internet would refuse workload 4's 200 connections.
+        argv += ["--max-per-ip", str(MAX_PER_IP)]
+    return argv + list(args.daemon_arg)
+
+
 def find_nginx() -> str | None:
     return shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
@@ -425,24 +471,10 @@ def make_servers(ds: DataSet, args: argparse.Namespace, logs: Path) -> dict[str,
     wanted = args.servers
 
     if FILECACHE in wanted:
-        extra = ["--workers", str(args.workers)] if args.workers else []
         servers[FILECACHE] = Server(
             FILECACHE,
             "fc",
-            lambda port: [
-                twistd(),
-                "-n",
-                "--pidfile=",
-                "filecache",
-                "--port",
-                f"tcp:{port}:interface={LOOPBACK}",
-                "--dir",
-                str(ds.root),
-                "--cache-size",
-                CACHE_SIZE,
-                "--no-access-log",
-                *extra,
-            ],
+            lambda port: filecache_argv(port, ds.root, args),
             logs / "filecache.log",
         )
 
@@ -533,9 +565,12 @@ def loadgen(
         str(limit),
         *opts,
     ]
+    server_tree = process_tree(server.pid)
+    server_cpu = cpu_seconds(server_tree)
     proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=limit + 60)
+        server_cpu = cpu_seconds(server_tree) - server_cpu
     except subprocess.TimeoutExpired:
         raise BenchError(f"loadgen did not finish: {' '.join(argv)}") from None
     finally:
@@ -545,6 +580,8 @@ def loadgen(
             f"loadgen failed ({proc.returncode}): {err.decode(errors='replace').strip()}"
         )
     result: dict[str, Any] = json.loads(out)
+    # Includes the load generator's connection setup, like client_cpu_s.
+    result["server_cpu_s"] = round(server_cpu, 3)
     return result
 
 
@@ -621,6 +658,10 @@ class Context:
     def duration(self) -> str:
         return str(self.args.duration)
 
+    def threads(self, default: int) -> str:
+        """Load generator threads: --loadgen-threads, else the workload's default."""
+        return str(self.args.loadgen_threads or default)
+
 
 def w1_small(ctx: Context, s: Server) -> Run:
     lg = ("-f", str(ctx.ds.small_list))
@@ -631,7 +672,7 @@ def w1_small(ctx: Context, s: Server) -> Run:
         "-c",
         "50",
         "-t",
-        str(ctx.args.loadgen_threads),
+        ctx.threads(1),
         "-d",
         ctx.duration,
         *lg,
@@ -669,7 +710,7 @@ def w4_many(ctx: Context, s: Server) -> Run:
             "-c",
             "200",
             "-t",
-            str(ctx.args.loadgen_threads),
+            ctx.threads(2),
             "-d",
             ctx.duration,
             "-u",
@@ -695,7 +736,7 @@ def w5_cold(ctx: Context, s: Server) -> Run:
         "-c",
         "50",
         "-t",
-        str(ctx.args.loadgen_threads),
+        ctx.threads(1),
         "-C",
         "-f",
         str(ctx.ds.cold_list),
@@ -724,21 +765,7 @@ def w6_list(ctx: Context, s: Server) -> Run:
     # started for this workload only, so that its lifetime peak (VmHWM) is
     # the peak of the listing: a short LIST may fall between two samples.
     if s.name == FILECACHE:
-        extra = ["--workers", str(ctx.args.workers)] if ctx.args.workers else []
-        argv = lambda port: [
-            twistd(),
-            "-n",
-            "--pidfile=",
-            "filecache",
-            "--port",
-            f"tcp:{port}:interface={LOOPBACK}",
-            "--dir",
-            str(ctx.ds.listdir),
-            "--cache-size",
-            CACHE_SIZE,
-            "--no-access-log",
-            *extra,
-        ]
+        argv = lambda port: filecache_argv(port, ctx.ds.listdir, ctx.args)
     else:
         argv = lambda port: [
             twistd(),
@@ -883,6 +910,10 @@ def machine_info(args: argparse.Namespace) -> list[tuple[str, str]]:
         text=True,
     ).stdout.strip()
     nginx = find_nginx()
+    daemon_options = filecache_argv(0, Path("DIR"), args)[4:]
+    for name in ("--port", "--dir"):
+        i = daemon_options.index(name)
+        del daemon_options[i : i + 2]
     return [
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
         ("commit", commit + (" (with uncommitted changes)" if dirty else "")),
@@ -899,11 +930,12 @@ def machine_info(args: argparse.Namespace) -> list[tuple[str, str]]:
             first_line([nginx, "-v"]).replace("nginx version: ", "") if nginx else "not installed",
         ),
         ("cc", first_line([os.environ.get("CC") or "cc", "--version"])),
+        ("filecache options", " ".join(daemon_options)),
         (
-            "filecache",
-            f"--cache-size {CACHE_SIZE}" + (f" --workers {args.workers}" if args.workers else ""),
+            "timed runs",
+            f"{args.duration:g} s each; loadgen threads: "
+            + (str(args.loadgen_threads) if args.loadgen_threads else "1, 2 for workload 4"),
         ),
-        ("timed runs", f"{args.duration:g} s each; loadgen threads: {args.loadgen_threads}"),
     ]
 
 
@@ -916,7 +948,7 @@ def render(
     titles = {w.number: w.title for w in WORKLOADS}
     out = ["# filecache benchmark", ""]
     out += [f"- {k}: {v}" for k, v in info]
-    out += ["", "Command: `python3 benchmarks/run.py " + " ".join(sys.argv[1:]) + "`", ""]
+    out += ["", "Command: `" + " ".join(["python3", "benchmarks/run.py", *sys.argv[1:]]) + "`", ""]
     col = {FILECACHE: "filecache", NGINX: "nginx", TWISTD_WEB: "twistd web"}
     head = (
         ["workload", "metric"]
@@ -948,6 +980,10 @@ def render(
         target, met = ("", None)
         if fc is not None:
             target, met = row.target(fc, nums.get(NGINX), nums.get(TWISTD_WEB))
+        fc_run = per.get(FILECACHE)
+        met_text = {True: "yes", False: "**no**", None: "?"}[met]
+        if fc_run is not None and fc_run.errors:
+            met_text = "**no** (errors)"
         better = "" if row.higher_is_better else " (lower is better)"
         out.append(
             "| "
@@ -959,7 +995,7 @@ def render(
                     ratio(NGINX),
                     ratio(TWISTD_WEB),
                     target,
-                    {True: "yes", False: "**no**", None: "?"}[met],
+                    met_text,
                 ]
             )
             + " |"
@@ -973,17 +1009,32 @@ def render(
         "Notes:",
         "- MB/s is 10^6 bytes of body per second, as read by the client; ratios are filecache / other.",
         "- `!` marks a figure measured with errors (listed below).",
-        (
+    ]
+    if 5 in results:
+        notes.append(
             "- Workload 5: the files were never requested before, but the OS page cache holds them "
             "for every server (they were just written); filecache is restarted first so its memory "
             "cache is empty."
-        ),
-        (
+        )
+    if 4 in results or 6 in results:
+        notes.append(
             "- Peak RSS is VmRSS of the server and its child processes, summed, sampled every 50 ms "
             "(nginx: master + worker). Workload 6 (filecache, twistd web) uses a fresh server on "
             "the 100,000-file folder, so its VmHWM is included."
-        ),
-    ]
+        )
+    for w in (1, 2, 3, 4, 5):
+        cpu = []
+        for n, run in results.get(w, {}).items():
+            if "client_cpu_s" in run.raw and run.raw.get("seconds"):
+                secs = run.raw["seconds"]
+                client = 100 * run.raw["client_cpu_s"] / secs / run.raw["threads"]
+                server = 100 * run.raw["server_cpu_s"] / secs
+                cpu.append(f"{col[n]} {server:.0f}/{client:.0f}")
+        if cpu:
+            notes.append(
+                f"- Workload {w}, CPU in % of one core, server (all processes) / load generator "
+                "(per thread; near 100 would make it the limit): " + ", ".join(cpu) + "."
+            )
     extras = []
     if 4 in results:
         for n, run in results[4].items():
@@ -1028,14 +1079,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--loadgen-threads",
         type=int,
-        default=1,
-        help="threads of the load generator for the many-connection workloads (default 1)",
+        default=None,
+        help="threads of the load generator for workloads 1, 4 and 5 "
+        "(default: 1, and 2 for workload 4, whose 200 transfers make it copy-bound)",
     )
     p.add_argument(
         "--list-timeout",
         type=float,
         default=120,
         help="seconds to wait for twistd web's listing of 100,000 files",
+    )
+    p.add_argument(
+        "--daemon-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for the filecache daemon (repeat for several)",
     )
     p.add_argument("--fresh-data", action="store_true", help="rebuild the data set")
     p.add_argument("--write", action="store_true", help="also write benchmarks/results.md")
@@ -1061,6 +1120,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # Ctrl-C even when started with SIGINT ignored (e.g. "&" in a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     procs = Processes()
@@ -1069,8 +1130,13 @@ def main(argv: list[str]) -> int:
     try:
         build_loadgen()
         ds = make_dataset(args.fresh_data)
+        args.filecache_help = filecache_options() if FILECACHE in args.servers else ""
+        if args.workers and FILECACHE in args.servers and "--workers" not in args.filecache_help:
+            raise BenchError("--workers: this filecache daemon has no --workers option (yet)")
         logs = WORK / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        if logs.exists():
+            shutil.rmtree(logs)  # this run's logs only
+        logs.mkdir(parents=True)
         servers = make_servers(ds, args, logs)
         if not servers:
             raise BenchError("no server to measure")

@@ -23,7 +23,7 @@ from filecache.client import (
     FileCacheClientProtocol,
     ServerError,
 )
-from filecache.download import LocalError, Progress, fetch
+from filecache.download import LocalError, Progress, Session, fetch
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
         "after this long (default 30; 0 waits forever)",
     )
     parser.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="get: when the connection is lost, reconnect and resume up to N "
+        "times per file, with backoff (default 3)",
+    )
+    parser.add_argument(
         "--tls",
         action="store_true",
         help="connect with TLS, verifying the server's certificate against the "
@@ -140,6 +148,9 @@ class Invocation:
         self.timeout: float | None = args.timeout or None
         if args.timeout < 0:
             raise UsageError("--timeout must not be negative")
+        self.retries: int = args.retries
+        if self.retries < 0:
+            raise UsageError("--retries must not be negative")
         self.tls: bool = args.tls or bool(args.cafile) or args.insecure
         self.cafile: str | None = args.cafile
         self.insecure: bool = args.insecure
@@ -155,13 +166,14 @@ class TqdmProgress(Progress):
         self._enabled = enabled
         self._bar: Any = None
 
-    def start(self, name: str, total: int) -> None:
+    def start(self, name: str, total: int, done: int) -> None:
         if not self._enabled:
             return
         from tqdm import tqdm
 
         self._bar = tqdm(
             total=total,
+            initial=done,
             desc=name,
             unit="B",
             unit_scale=True,
@@ -268,37 +280,50 @@ def print_stats(stats: Sequence[tuple[str, int]], as_json: bool, out: IO[str]) -
 
 async def run(reactor: Any, inv: Invocation, out: IO[str], err: IO[str]) -> int:
     """Carry out C{inv}; return the exit status.  Errors propagate."""
-    client = await connect(reactor, inv, err)
-    try:
-        if inv.command == "list":
-            print_listing(await client.list(inv.cached), inv.json, out)
-        elif inv.command == "stats":
-            print_stats(await client.stats(), inv.json, out)
-        else:
-            return await get_all(client, inv, out, err)
+    if inv.command != "get":
+        client = await connect(reactor, inv, err)
+        try:
+            if inv.command == "list":
+                print_listing(await client.list(inv.cached), inv.json, out)
+            else:
+                print_stats(await client.stats(), inv.json, out)
+        finally:
+            await client.quit()
         return EXIT_OK
+    session = Session(lambda: connect(reactor, inv, err))
+    try:
+        return await get_all(session, inv, out, err, reactor)
     finally:
-        client.quit()
+        await session.close()
 
 
-async def get_all(client: FileCacheClientProtocol, inv: Invocation, out: IO[str], err: IO[str]) -> int:
+async def get_all(session: Session, inv: Invocation, out: IO[str], err: IO[str], reactor: Any) -> int:
     """Fetch every name; a per-file error is reported and the rest go on."""
+    from twisted.internet.task import deferLater
+
     status = EXIT_OK
     show_bar = not inv.quiet and err.isatty()
+
+    def retrying(name: str, error: BaseException, delay: float) -> None:
+        err.write(f"filecache-client: {name}: {describe(error)}; retrying in {delay:g} s\n")
+
     for name in inv.names:
         try:
             saved, result = await fetch(
-                client,
+                session,
                 name,
                 inv.folder,
                 force=inv.force,
                 progress=lambda: TqdmProgress(err, show_bar),
+                retries=inv.retries,
+                sleep=lambda seconds: deferLater(reactor, seconds),
+                on_retry=retrying,
             )
-        except (ServerError, LocalError, BrokenReply) as e:
+        except (ServerError, LocalError, BrokenReply, ConnectionLostEarly, ConnectError) as e:
             err.write(f"filecache-client: {name}: {describe(e)}\n")
             status = status or exit_status(e)
-            if isinstance(e, BrokenReply):
-                # The connection was aborted; nothing more can be fetched on it.
+            if isinstance(e, (ConnectionLostEarly, ConnectError)):
+                # Retries are spent: the server is out of reach for the rest too.
                 return status
             continue
         out.write(f"{saved}\n")

@@ -37,6 +37,10 @@ class ConnectionLostEarly(Exception):
     """The connection ended, or stalled past the timeout, before the reply was whole."""
 
 
+class HandshakeFailed(ConnectionLostEarly):
+    """TLS could not be set up: the certificate was refused.  Not worth retrying."""
+
+
 class BodySink(Protocol):
     """Where the bytes of a GET body go."""
 
@@ -92,6 +96,26 @@ class _Rows(_Operation):
             self.deferred.callback(self._rows)
             return True
         return False
+
+
+@dataclass(frozen=True)
+class FileHash:
+    """The reply to HASH: the whole file as the server has it now."""
+
+    size: int
+    version: str
+    digest: str
+
+
+class _Hash(_Operation):
+    """HASH: one status line."""
+
+    def line(self, client: FileCacheClientProtocol, line: bytes) -> bool:
+        status = wire.parse_status(line)
+        if not status.ok:
+            raise ServerError(status.code, status.message)
+        self.deferred.callback(FileHash(*wire.parse_hash_status(status)))
+        return True
 
 
 class _Get(_Operation):
@@ -157,6 +181,8 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         self._queue: deque[tuple[bytes, _Operation]] = deque()
         self._current: _Operation | None = None
         self._failed: Failure | None = None
+        self.closed: Deferred[None] = Deferred()
+        """Fires when the connection is gone."""
         if clock is not None:
             self.callLater = clock.callLater
 
@@ -168,14 +194,24 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
     def stats(self) -> Deferred[list[tuple[str, int]]]:
         return self._request(wire.StatsRequest(), _Rows(wire.parse_stats_row))
 
+    def hash(self, path: str) -> Deferred[FileHash]:
+        return self._request(wire.HashRequest(path), _Hash())
+
     def get(self, path: str, sink: BodySink, offset: int = 0) -> Deferred[Download]:
         return self._request(wire.GetRequest(path, offset), _Get(sink))
 
-    def quit(self) -> None:
-        """Ask the server to close, and close our side."""
-        if self.transport is not None and self.connected:
+    @property
+    def usable(self) -> bool:
+        """Whether requests can still be sent on this connection."""
+        return self._failed is None
+
+    def quit(self) -> Deferred[None]:
+        """Ask the server to close, close our side; fires once closed."""
+        if self._failed is None and self.transport is not None:
+            self._failed = Failure(ConnectionLostEarly("connection closed by the client"))
             self.transport.write(wire.format_request(wire.QuitRequest()))
             self.transport.loseConnection()
+        return self.closed
 
     def _request(self, request: wire.Request, op: _Operation) -> Deferred[Any]:
         if self._failed is not None:
@@ -249,7 +285,11 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.setTimeout(None)
-        failure = self._failed or Failure(ConnectionLostEarly(_lost_text(self._current, reason)))
+        if self._failed is None:
+            tls = _tls_error(reason)
+            if tls is not None:
+                self._failed = Failure(HandshakeFailed(f"TLS handshake failed: {tls}"))
+        failure = self._failed or Failure(ConnectionLostEarly(_lost_text(self._current)))
         if self._failed is None:
             self._failed = failure
         pending = [op for _, op in self._queue]
@@ -259,12 +299,11 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         self._queue.clear()
         for op in pending:
             op.deferred.errback(failure)
+        if not self.closed.called:
+            self.closed.callback(None)
 
 
-def _lost_text(op: _Operation | None, reason: Failure) -> str:
-    tls = _tls_error(reason)
-    if tls:
-        return f"TLS handshake failed: {tls}"
+def _lost_text(op: _Operation | None) -> str:
     if isinstance(op, _Get) and op.received:
         return f"connection lost after {op.received} bytes of the file"
     return "connection lost"

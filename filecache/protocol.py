@@ -10,7 +10,7 @@ import os
 from collections import Counter
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -95,7 +95,16 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
 
     def _set_replying(self, on: bool) -> None:
         self._replying = on
+        if not on and self.factory.draining:
+            # Shutting down: this reply was the last one.
+            self.transport.loseConnection()
+            return
         self._update_reading()
+
+    @property
+    def replying(self) -> bool:
+        """Whether a reply is under way (waited for or being sent)."""
+        return self._replying
 
     def _update_reading(self) -> None:
         hold = self._replying or self._backpressure
@@ -342,6 +351,9 @@ class FileCacheFactory(Factory):
         self.allow = list(allow) if allow is not None else None
         self._per_host: Counter[str] = Counter()
         self._refused_hosts: set[str] = set()
+        self._live: set[FileCacheProtocol] = set()
+        self.draining = False
+        self._drained: Deferred[None] | None = None
 
     def _allowed(self, host: str) -> bool:
         assert self.allow is not None
@@ -370,12 +382,17 @@ class FileCacheFactory(Factory):
         return super().buildProtocol(addr)
 
     def connection_made(self, protocol: FileCacheProtocol) -> None:
+        self._live.add(protocol)
         counters = self.server.counters
         counters.connections_active += 1
         counters.connections_total += 1
         self._per_host[self._host_of(protocol)] += 1
 
     def connection_lost(self, protocol: FileCacheProtocol) -> None:
+        self._live.discard(protocol)
+        if self._drained is not None and not self._live:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
         self.server.counters.connections_active -= 1
         key = self._host_of(protocol)
         self._per_host[key] -= 1
@@ -385,3 +402,40 @@ class FileCacheFactory(Factory):
     @staticmethod
     def _host_of(protocol: FileCacheProtocol) -> str:
         return getattr(protocol.transport.getPeer(), "host", None) or "local"
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Close idle connections now, and the others as soon as their reply
+        is sent; abort whatever is left after C{timeout} seconds.  Fires when
+        no connection is left.
+        """
+        self.draining = True
+        if not self._live:
+            return succeed(None)
+        self._drained = drained = Deferred()
+        busy = 0
+        for protocol in list(self._live):
+            if protocol.replying:
+                busy += 1
+            else:
+                protocol.transport.loseConnection()
+        self._log.info(
+            "draining: {busy} replies in flight, up to {timeout} s", busy=busy, timeout=timeout
+        )
+
+        def give_up() -> None:
+            if self._live:
+                self._log.warn(
+                    "drain timeout: aborting {count} connections", count=len(self._live)
+                )
+            for protocol in list(self._live):
+                protocol.transport.abortConnection()
+
+        call = self.clock.callLater(timeout, give_up)
+
+        def done(result: None) -> None:
+            if call.active():
+                call.cancel()
+
+        drained.addCallback(done)
+        return drained

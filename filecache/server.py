@@ -146,6 +146,8 @@ class FileCacheServer:
         """The reply to C{request} (QUIT is the protocol's business)."""
         if isinstance(request, wire.GetRequest):
             return self._get(request)
+        if isinstance(request, wire.HashRequest):
+            return self._hash(request.path)
         if isinstance(request, wire.ListRequest):
             return self._list(request.cached)
         return self._stats()
@@ -187,6 +189,39 @@ class FileCacheServer:
         return Reply(
             wire.format_get_status(length, st.version), "OK", body, "miss", length
         )
+
+    def _hash(self, path: str) -> Reply | Deferred[Reply]:
+        try:
+            opened = self.folder.open(path)
+        except NotShared:
+            self.cache.discard(path)
+            return error_reply(wire.NOT_FOUND, "no such file")
+        except Unreadable as e:
+            return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
+        st = opened.stat
+        entry = self.cache.peek(path)
+        known = entry.digest if entry is not None and entry.version == st.version else None
+        known = known or self.digests.get(st.version)
+        if known is not None:
+            opened.close()
+            return Reply(wire.format_hash_status(st.size, st.version, known), "OK")
+
+        def hashed(digest: str) -> Reply:
+            try:
+                if not self.folder.is_current(opened):
+                    return error_reply(wire.UNAVAILABLE, "file changed while being hashed; try again")
+            finally:
+                opened.close()
+            self.digests.put(st.version, digest)
+            return Reply(wire.format_hash_status(st.size, st.version, digest), "OK")
+
+        def failed(reason: Failure) -> Reply:
+            opened.close()
+            return error_reply(wire.UNAVAILABLE, "cannot read file")
+
+        # A whole read of a file that may be large: off the reactor thread.
+        d = self._run_blocking(lambda: _hash_file(opened.fd, st.size))
+        return d.addCallbacks(hashed, failed)
 
     def _from_memory(
         self, data: bytes, start: int, digest: str, version: str, cache: str
@@ -304,3 +339,16 @@ def _read_whole(opened: OpenedFile) -> bytes:
     if len(data) != size:
         raise Unreadable(opened.path, OSError(0, "file changed while being read"))
     return data
+
+
+def _hash_file(fd: int, size: int) -> str:
+    """SHA-256 of the first C{size} bytes of C{fd}; raise if it is shorter."""
+    hasher = hashlib.sha256()
+    position = 0
+    while position < size:
+        chunk = os.pread(fd, min(1 << 20, size - position), position)
+        if not chunk:
+            raise OSError(0, "file ended early")
+        hasher.update(chunk)
+        position += len(chunk)
+    return hasher.hexdigest()

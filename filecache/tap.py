@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from typing import Any, Callable, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
@@ -100,6 +101,13 @@ class Options(usage.Options):
             "and abort a reply the client accepts no bytes of for as long. 0: never.",
         ],
         [
+            "drain-timeout",
+            None,
+            "30",
+            "On SIGTERM, stop accepting at once and let replies in flight finish "
+            "for up to this many seconds, then abort the rest and exit 0.",
+        ],
+        [
             "max-connections",
             None,
             "1024",
@@ -137,6 +145,7 @@ class Options(usage.Options):
             raise ConfigError(f"--cache-size: {e}") from None
         self["port"] = endpoint_description(self["port"])
         self["idle-timeout"] = _number("--idle-timeout", self["idle-timeout"], float) or None
+        self["drain-timeout"] = _number("--drain-timeout", self["drain-timeout"], float)
         for name in ("max-connections", "max-per-ip"):
             self[name] = _number(f"--{name}", self[name], int)
             if self[name] < 1:
@@ -176,6 +185,41 @@ class ThreadPoolService(Service):
 
     def run(self, work: Callable[[], T]) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self.pool, work)
+
+
+class DrainService(Service):
+    """
+    On shutdown, waits for the factory's connections to finish their
+    replies.  SIGTERM stops the reactor as a request to shut down, not as a
+    fatal signal, so a drained daemon exits with status 0.
+    """
+
+    _log = Logger()
+
+    def __init__(self, factory: FileCacheFactory, timeout: float, reactor: Any) -> None:
+        self._factory = factory
+        self._timeout = timeout
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        # After the reactor's own handlers are in place, so ours wins.
+        self._reactor.callWhenRunning(self._handle_sigterm)
+
+    def _handle_sigterm(self) -> None:
+        def on_sigterm(signum: int, frame: object) -> None:
+            self._reactor.callFromThread(self._shutdown)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _shutdown(self) -> None:
+        self._log.info("received SIGTERM: draining, then stopping")
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._factory.drain(self._timeout)
 
 
 class _Announcer(Service):
@@ -223,5 +267,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     listener = StreamServerEndpointService(serverFromString(reactor, config["port"]), factory)
     listener._raiseSynchronously = True
     listener.setServiceParent(top)
+    DrainService(factory, config["drain-timeout"], reactor).setServiceParent(top)
     _Announcer(config).setServiceParent(top)
     return top

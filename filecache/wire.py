@@ -128,6 +128,13 @@ class GetRequest:
 
 
 @dataclass(frozen=True)
+class HashRequest:
+    """C{HASH <path>}: the whole file's size, version and SHA-256."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class StatsRequest:
     """C{STATS}."""
 
@@ -137,7 +144,7 @@ class QuitRequest:
     """C{QUIT}."""
 
 
-Request = Union[ListRequest, GetRequest, StatsRequest, QuitRequest]
+Request = Union[ListRequest, GetRequest, HashRequest, StatsRequest, QuitRequest]
 
 
 def _parse_offset(token: bytes) -> int:
@@ -166,6 +173,10 @@ def parse_request(line: bytes) -> Request:
         if len(args) == 2 and args[0]:
             return GetRequest(unquote_path(args[0]), _parse_offset(args[1]))
         raise WireError(BAD_REQUEST, "usage: GET <path> [<offset>]")
+    if verb == b"HASH":
+        if len(args) == 1 and args[0]:
+            return HashRequest(unquote_path(args[0]))
+        raise WireError(BAD_REQUEST, "usage: HASH <path>")
     if verb == b"LIST":
         if not args:
             return ListRequest()
@@ -190,6 +201,8 @@ def format_request(request: Request) -> bytes:
         line = b"GET " + quote_path(request.path)
         if request.offset:
             line += b" %d" % (request.offset,)
+    elif isinstance(request, HashRequest):
+        line = b"HASH " + quote_path(request.path)
     elif isinstance(request, ListRequest):
         line = b"LIST CACHED" if request.cached else b"LIST"
     elif isinstance(request, StatsRequest):
@@ -212,6 +225,11 @@ def format_error(code: str, message: str) -> bytes:
 def format_get_status(size: int, version: str) -> bytes:
     """C{OK <size> <version>}: the status line of a GET reply."""
     return b"OK %d %s\r\n" % (size, version.encode("ascii"))
+
+
+def format_hash_status(size: int, version: str, digest: str) -> bytes:
+    """C{OK <size> <version> <sha256>}: the reply to HASH."""
+    return b"OK %d %s %s\r\n" % (size, version.encode("ascii"), digest.encode("ascii"))
 
 
 def format_end(digest: str) -> bytes:
@@ -295,6 +313,16 @@ def parse_get_status(status: Status) -> tuple[int, str]:
     if not _VERSION.match(status.fields[1]):
         raise WireError(BAD_REQUEST, "malformed version in GET status line")
     return int(status.fields[0]), status.fields[1].decode("ascii")
+
+
+def parse_hash_status(status: Status) -> tuple[int, str, str]:
+    """The C{<size>}, C{<version>} and C{<sha256>} of a HASH reply."""
+    if len(status.fields) != 3:
+        raise WireError(BAD_REQUEST, "malformed HASH status line")
+    size, version = parse_get_status(Status(True, status.fields[:2]))
+    if not _DIGEST.match(status.fields[2]):
+        raise WireError(BAD_REQUEST, "malformed digest in HASH status line")
+    return size, version, status.fields[2].decode("ascii")
 
 
 def parse_end(line: bytes) -> str:

@@ -1,0 +1,164 @@
+"""
+Resuming downloads: a lost connection is retried and resumes from the .part
+file with GET <path> <offset> when the version still matches; a re-run after
+the client itself was killed resumes the same way; the whole file's SHA-256
+is checked before the rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import Daemon, RawClient, run_client, tool
+
+MiB = 1024 * 1024
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def stats(port: int) -> dict[str, int]:
+    client = RawClient(port)
+    _, rows = client.rows(b"STATS")
+    client.close()
+    return {k: int(v) for k, v in (row.decode().split() for row in rows)}
+
+
+def start_download(port: int, name: str, out: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [tool("filecache-client"), "127.0.0.1", str(port), "get", name, "-o", str(out), "--quiet", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop_when_part_has(process: subprocess.Popen[str], part: Path, size: int) -> int:
+    """SIGSTOP the client once C{part} holds C{size} bytes; return its size then."""
+    wait_for(lambda: part.exists() and part.stat().st_size >= size, 30, f"{part} to reach {size}")
+    process.send_signal(signal.SIGSTOP)
+    time.sleep(0.2)
+    return part.stat().st_size
+
+
+def test_lost_connection_resumes_from_the_part(shared: Path, daemon_factory, tmp_path: Path) -> None:
+    """The server dies mid-file and comes back: the client retries, resumes at its offset, and the file is whole."""
+    data = os.urandom(100 * MiB)
+    (shared / "big.bin").write_bytes(data)
+    first = daemon_factory(shared)
+    out = tmp_path / "out"
+    process = start_download(first.port, "big.bin", out, "--retries", "5")
+    stop_when_part_has(process, out / "big.bin.part", 20 * MiB)
+    first.stop(signal.SIGKILL)
+    second = daemon_factory(shared, port=f"tcp:{first.port}:interface=127.0.0.1")
+    process.send_signal(signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert (out / "big.bin").read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == ["big.bin"]
+    assert "connection lost after" in stderr and "retrying in" in stderr
+    # The second server sent only the rest, not the whole file again.
+    sent = stats(second.port)["bytes_sent"]
+    assert 0 < sent <= len(data) - 20 * MiB
+    assert "GET big.bin " in second.log_text()  # the request carried an offset
+    assert "HASH big.bin" in second.log_text()
+
+
+def test_rerun_after_the_client_was_killed_resumes(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
+    """Kill the client mid-file, run the same get again: it resumes from the .part and verifies the whole file."""
+    data = os.urandom(100 * MiB)
+    (shared / "big.bin").write_bytes(data)
+    out = tmp_path / "out"
+    process = start_download(daemon.port, "big.bin", out)
+    have = stop_when_part_has(process, out / "big.bin.part", 30 * MiB)
+    process.kill()
+    process.wait(10)
+    meta = json.loads((out / "big.bin.part.json").read_text())
+    assert meta["path"] == "big.bin" and meta["size"] == len(data)
+    before = stats(daemon.port)["bytes_sent"]
+    result = run_client("127.0.0.1", str(daemon.port), "get", "big.bin", "-o", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (out / "big.bin").read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == ["big.bin"]
+    resumed = stats(daemon.port)["bytes_sent"] - before
+    assert resumed <= len(data) - have + 16 * MiB  # only the rest (the .part may trail the socket)
+    assert resumed < len(data)
+
+
+def leave_part(daemon: Daemon, out: Path, name: str, content: bytes) -> None:
+    """Leave C{content} as C{name}.part with its sidecar, as a killed client would."""
+    client = RawClient(daemon.port)
+    client.send(b"HASH " + name.encode() + b"\r\n")
+    size, version, _ = client.line().split()[1:]
+    client.close()
+    out.mkdir(exist_ok=True)
+    (out / (name + ".part")).write_bytes(content)
+    (out / (name + ".part.json")).write_text(
+        json.dumps({"path": name, "version": version.decode(), "size": int(size)})
+    )
+
+
+def test_changed_file_starts_over(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
+    """A .part of an older version is not resumed: the new version is fetched whole."""
+    old = os.urandom(8 * MiB)
+    (shared / "f.bin").write_bytes(old)
+    out = tmp_path / "out"
+    leave_part(daemon, out, "f.bin", old[: 2 * MiB])
+    new = os.urandom(8 * MiB)
+    (shared / "f.bin").write_bytes(new)
+    os.utime(shared / "f.bin", ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
+    result = run_client("127.0.0.1", str(daemon.port), "get", "f.bin", "-o", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (out / "f.bin").read_bytes() == new
+    assert sorted(p.name for p in out.iterdir()) == ["f.bin"]
+
+
+def test_corrupt_part_is_caught_by_the_whole_file_digest(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
+    """A .part whose bytes were damaged fails the whole-file SHA-256 and is fetched again from the start."""
+    data = os.urandom(8 * MiB)
+    (shared / "f.bin").write_bytes(data)
+    out = tmp_path / "out"
+    leave_part(daemon, out, "f.bin", b"\0" * 1000 + data[1000 : 2 * MiB])
+    result = run_client("127.0.0.1", str(daemon.port), "get", "f.bin", "-o", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (out / "f.bin").read_bytes() == data
+    assert "HASH f.bin" in daemon.log_text()
+    assert f"GET f.bin {2 * MiB} OK" in daemon.log_text()
+
+
+def test_corrupt_part_without_retries_fails_cleanly(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
+    """With --retries 0 a damaged .part is an integrity failure: exit 4, no final file, the .part removed."""
+    data = os.urandom(4 * MiB)
+    (shared / "f.bin").write_bytes(data)
+    out = tmp_path / "out"
+    leave_part(daemon, out, "f.bin", b"\0" * 1000 + data[1000 : 1 * MiB])
+    result = run_client("127.0.0.1", str(daemon.port), "get", "f.bin", "-o", str(out), "--retries", "0")
+    assert result.returncode == 4
+    assert "integrity check failed" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_hash_verb(shared: Path, daemon: Daemon) -> None:
+    """HASH <path>: OK <size> <version> <sha256> of the whole file, without sending it."""
+    import hashlib
+
+    data = os.urandom(3 * MiB)
+    (shared / "h.bin").write_bytes(data)
+    client = RawClient(daemon.port)
+    client.send(b"HASH h.bin\r\n")
+    size, version, digest = client.line().split()[1:]
+    assert int(size) == len(data)
+    assert digest.decode() == hashlib.sha256(data).hexdigest()
+    status = client.get(b"h.bin")[0]
+    assert status.split()[2] == version
+    client.send(b"HASH nope\r\n")
+    assert client.line() == b"ERR not-found no such file\r\n"
