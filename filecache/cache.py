@@ -21,12 +21,18 @@ class CacheEntry:
     @ivar version: the version token of the file the content was read from.
     @ivar digest: SHA-256 of C{data}, hex.
     @ivar mtime: the file's modification time in whole seconds.
+    @ivar source: the path on disk it was read from, before symlinks were
+        resolved (a C{stat} of it tells whether the entry is still current).
+    @ivar reply: the whole reply to a GET of it from offset 0, for a file
+        small enough to answer in one write.
     """
 
     data: bytes
     version: str
     digest: str
     mtime: int
+    source: str = ""
+    reply: bytes | None = None
 
 
 class ICache(Interface):

@@ -9,6 +9,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from filecache.wire import PathError, split_path
 
@@ -62,12 +63,15 @@ class OpenedFile:
     @ivar real: its resolved path on disk.
     @ivar fd: the open descriptor.
     @ivar stat: its state when opened.
+    @ivar source: the path it was opened by, on disk, before symlinks were
+        resolved: a later C{stat} of it tells whether it still leads here.
     """
 
     path: str
     real: str
     fd: int
     stat: FileStat
+    source: str = ""
 
     def close(self) -> None:
         try:
@@ -78,6 +82,13 @@ class OpenedFile:
 
 def _has_hidden_part(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split(os.sep))
+
+
+Row = TypeVar("Row", bound=tuple)  # type: ignore[type-arg]
+
+
+def _compact(encoded: bytes, st: os.stat_result) -> tuple[bytes, int, int, int]:
+    return (encoded, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 class SharedFolder:
@@ -115,6 +126,19 @@ class SharedFolder:
             raise NotShared(path)
         return real
 
+    def disk_path(self, path: str) -> str:
+        """
+        The path on disk that the wire path C{path} names, before symlinks
+        are resolved.
+
+        @raise NotShared: if C{path} is not a plain relative path.
+        """
+        try:
+            parts = split_path(path)
+        except PathError:
+            raise NotShared(path) from None
+        return os.path.join(self.root, *parts)
+
     def open(self, path: str) -> OpenedFile:
         """
         Open the shared regular file C{path}.
@@ -122,14 +146,40 @@ class SharedFolder:
         @raise NotShared: if it names nothing that may be shared.
         @raise Unreadable: if it is shared but cannot be opened now.
         """
-        real = self.resolve(path)
+        if not self._proc_fds:
+            return self._open_resolved(path, self.resolve(path))
+        joined = self.disk_path(path)
         try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer.
-            # O_NOFOLLOW: the last component was resolved above; a symlink
-            # there now was put in since, so refuse it.
-            fd = os.open(
-                real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-            )
+            # Only regular files are opened: opening a device can have
+            # effects of its own, and a FIFO would wait for a writer.
+            if not stat.S_ISREG(os.stat(joined).st_mode):
+                raise NotShared(path)
+            fd = os.open(joined, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in _ABSENT:
+                raise NotShared(path) from None
+            raise Unreadable(path, e) from None
+        try:
+            # Where the open really led, every symlink followed: checked on
+            # the open descriptor, so no swap after a check can fool it.
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            if not self._inside(real):
+                raise NotShared(path)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotShared(path)
+        except NotShared:
+            os.close(fd)
+            raise
+        except OSError as e:
+            os.close(fd)
+            raise Unreadable(path, e) from None
+        return OpenedFile(path, real, fd, FileStat.of(st), joined)
+
+    def _open_resolved(self, path: str, real: str) -> OpenedFile:
+        # Without /proc: resolve first, then refuse a symlink put in since.
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             if e.errno in _ABSENT:
                 raise NotShared(path) from None
@@ -138,17 +188,13 @@ class SharedFolder:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotShared(path)
-            if self._proc_fds and os.readlink(f"/proc/self/fd/{fd}") != real:
-                # A directory on the way was swapped for a symlink after it
-                # was resolved: what we opened is not what we checked.
-                raise NotShared(path)
         except NotShared:
             os.close(fd)
             raise
         except OSError as e:
             os.close(fd)
             raise Unreadable(path, e) from None
-        return OpenedFile(path, real, fd, FileStat.of(st))
+        return OpenedFile(path, real, fd, FileStat.of(st), self.disk_path(path))
 
     def is_current(self, opened: OpenedFile) -> bool:
         """
@@ -168,48 +214,62 @@ class SharedFolder:
         by the path's UTF-8 bytes.  Names that are not UTF-8 cannot be put on
         the wire and are left out.
         """
-        found: list[tuple[bytes, str, FileStat]] = []
+        return [
+            (encoded.decode("utf-8"), FileStat(ino, size, mtime_ns))
+            for encoded, size, mtime_ns, ino in self.scan()
+        ]
+
+    def scan(self, row: Callable[[bytes, os.stat_result], Row] = _compact) -> list[Row]:  # type: ignore[assignment]
+        """
+        L{list_files} for folders of many files: C{row(utf8_path, stat)}
+        for every shared regular file, sorted by the path, which C{row} puts
+        first in the tuple it returns.  By default (UTF-8 path, size, mtime
+        in ns, inode).
+        """
+        found: list[Row] = []
         # Each folder to walk carries the keys of the folders above it, so a
         # symlink back up is not followed, while two paths to one folder
         # are both listed (both can be fetched).
         root_key = _dir_key(os.stat(self.root))
-        pending: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
-            (self.root, "", frozenset({root_key}))
+        pending: list[tuple[str, bytes, frozenset[tuple[int, int]]]] = [
+            (self.root, b"", frozenset({root_key}))
         ]
+        is_reg = stat.S_ISREG
+        is_dir = stat.S_ISDIR
         while pending:
             directory, prefix, above = pending.pop()
             try:
-                with os.scandir(directory) as entries:
-                    listed = list(entries)
+                entries = os.scandir(directory)
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) or not prefix:
                     raise
                 continue
-            for entry in listed:
-                name = entry.name
-                if name.startswith(".") or "\\" in name:
-                    continue
-                try:
-                    encoded = name.encode("utf-8")
-                except UnicodeEncodeError:
-                    continue
-                wire = prefix + name
-                try:
-                    if entry.is_symlink():
-                        real = os.path.realpath(entry.path)
-                        if not self._inside(real):
-                            continue
-                    st = entry.stat()
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    found.append((prefix.encode("utf-8") + encoded, wire, FileStat.of(st)))
-                elif stat.S_ISDIR(st.st_mode):
-                    key = _dir_key(st)
-                    if key not in above:
-                        pending.append((entry.path, wire + "/", above | {key}))
-        found.sort(key=lambda item: item[0])
-        return [(wire, st) for _, wire, st in found]
+            with entries:
+                for entry in entries:
+                    name = entry.name
+                    if name[0] == "." or "\\" in name:
+                        continue
+                    try:
+                        encoded = prefix + name.encode("utf-8")
+                    except UnicodeEncodeError:
+                        continue
+                    try:
+                        if entry.is_symlink():
+                            if not self._inside(os.path.realpath(entry.path)):
+                                continue
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    mode = st.st_mode
+                    if is_reg(mode):
+                        found.append(row(encoded, st))
+                    elif is_dir(mode):
+                        key = (st.st_dev, st.st_ino)
+                        if key not in above:
+                            pending.append((entry.path, encoded + b"/", above | {key}))
+        # Paths are unique, so tuples sort by their first element alone.
+        found.sort()
+        return found
 
 
 def _dir_key(st: os.stat_result) -> tuple[int, int]:

@@ -160,8 +160,9 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
 
     def lineReceived(self, line: bytes) -> None:
         self._lines += 1
-        self.factory.server.counters.requests += 1
-        started = self.factory.clock.seconds()
+        factory = self.factory
+        factory.server.counters.requests += 1
+        started = factory.clock.seconds() if factory.access_log else 0.0
         try:
             request = wire.parse_request(line)
         except wire.WireError as e:
@@ -173,7 +174,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
             return
         try:
-            reply = self.factory.server.respond(request)
+            reply = factory.server.respond(request)
         except Exception:
             self._log.failure("Error answering {request!r}", request=line[:200])
             reply = error_reply(wire.UNAVAILABLE, "internal error")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from stat import S_ISREG
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Protocol, TypeVar, Union
@@ -156,6 +157,14 @@ class FileCacheServer:
 
     def _get(self, request: wire.GetRequest) -> Reply:
         path = request.path
+        hit = self._cached(path)
+        if hit is not None:
+            entry, size = hit
+            if request.offset > size:
+                return error_reply(wire.BAD_REQUEST, "offset past the end of the file")
+            if request.offset == 0 and entry.reply is not None:
+                return Reply(entry.reply, "OK", None, "hit", size)
+            return self._from_memory(entry.data, request.offset, entry.digest, entry.version, "hit")
         try:
             opened = self.folder.open(path)
         except NotShared:
@@ -179,8 +188,12 @@ class FileCacheServer:
             finally:
                 opened.close()
             digest = sha256_hex(data)
-            self.cache.insert(path, CacheEntry(data, st.version, digest, st.mtime))
-            return self._from_memory(data, request.offset, digest, st.version, "miss")
+            reply = self._from_memory(data, 0, digest, st.version, "miss")
+            entry = CacheEntry(data, st.version, digest, st.mtime, opened.source, reply.data)
+            self.cache.insert(path, entry)
+            if request.offset:
+                return self._from_memory(data, request.offset, digest, st.version, "miss")
+            return reply
         whole = request.offset == 0
         digest = self.digests.get(st.version) if whole else None
         fill = whole and self._reserve_fill(path, st.size)
@@ -189,6 +202,26 @@ class FileCacheServer:
         return Reply(
             wire.format_get_status(length, st.version), "OK", body, "miss", length
         )
+
+    def _cached(self, path: str) -> tuple[CacheEntry, int] | None:
+        """
+        The cache entry for C{path} if the file on disk is still the one it
+        was read from: one C{stat}, no open.  The entry was confined to the
+        folder when it was read; the same inode, size and time mean the same
+        file.
+        """
+        entry = self.cache.peek(path)
+        if entry is None or not entry.source:
+            return None
+        try:
+            st = os.stat(entry.source)
+        except OSError:
+            return None
+        if not S_ISREG(st.st_mode) or FileStat.of(st).version != entry.version:
+            return None
+        if self.cache.lookup(path, entry.version) is None:  # counts the hit
+            return None  # pragma: no cover - the entry was just seen
+        return entry, st.st_size
 
     def _hash(self, path: str) -> Reply | Deferred[Reply]:
         try:
@@ -267,7 +300,9 @@ class FileCacheServer:
         if body.start == 0:
             self.digests.put(opened.stat.version, digest)
             if body.fill and result.data is not None:
-                entry = CacheEntry(result.data, opened.stat.version, digest, opened.stat.mtime)
+                entry = CacheEntry(
+                    result.data, opened.stat.version, digest, opened.stat.mtime, opened.source
+                )
                 self.cache.insert(opened.path, entry)
         return digest
 
@@ -291,18 +326,30 @@ class FileCacheServer:
             ]
             return Reply(wire.format_list(rows), "OK")
 
-        def listed(files: list[tuple[str, FileStat]]) -> Reply:
-            rows = []
-            for path, st in files:
-                entry = self.cache.peek(path)
-                cached_now = entry is not None and entry.version == st.version
-                rows.append(wire.ListRow(st.size, st.mtime, cached_now, path))
-            return Reply(wire.format_list(rows), "OK")
+        # What the cache holds now, looked up by encoded path in the disk
+        # thread: the cache is small next to a large folder.
+        cached = {path.encode("utf-8"): entry.version for path, entry in self.cache}
+        quote = wire.quote_bytes
+
+        def row(path: bytes, st: os.stat_result) -> tuple[bytes, bytes]:
+            size = st.st_size
+            mtime_ns = st.st_mtime_ns
+            mark = b"-"
+            if path in cached and cached[path] == FileStat(st.st_ino, size, mtime_ns).version:
+                mark = b"C"
+            return path, b"%d %d %s %s\r\n" % (size, mtime_ns // 1_000_000_000, mark, quote(path))
+
+        def listing() -> bytes:
+            lines = self.folder.scan(row)
+            return b"OK %d\r\n" % (len(lines),) + b"".join([line for _, line in lines])
+
+        def listed(data: bytes) -> Reply:
+            return Reply(data, "OK")
 
         def failed(reason: Failure) -> Reply:
             return error_reply(wire.UNAVAILABLE, "cannot list the shared folder")
 
-        d = self._run_blocking(self.folder.list_files)
+        d = self._run_blocking(listing)
         return d.addCallbacks(listed, failed)
 
     def stats(self) -> list[tuple[str, int]]:

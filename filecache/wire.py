@@ -52,12 +52,21 @@ class PathError(ValueError):
     """
 
 
+_PLAIN = re.compile(rb"[A-Za-z0-9\-._~/]*\Z")
+
+
 def quote_path(path: str) -> bytes:
     """
     Percent-encode C{path} for the wire: every byte of its UTF-8 form outside
     C{A-Z a-z 0-9 - . _ ~ /} becomes C{%XX}.
     """
-    raw = path.encode("utf-8")
+    return quote_bytes(path.encode("utf-8"))
+
+
+def quote_bytes(raw: bytes) -> bytes:
+    """L{quote_path} for a path already in UTF-8."""
+    if _PLAIN.match(raw):
+        return raw
     return "".join([_QUOTE_TABLE[b] for b in raw]).encode("ascii")
 
 
@@ -249,10 +258,19 @@ class ListRow:
 
 def format_list(rows: Iterable[ListRow]) -> bytes:
     """A whole C{LIST} reply: C{OK <n>} and one line per file."""
+    return format_list_encoded(
+        (row.path.encode("utf-8"), row.size, row.mtime, row.cached) for row in rows
+    )
+
+
+def format_list_encoded(rows: Iterable[tuple[bytes, int, int, bool]]) -> bytes:
+    """
+    L{format_list} from (UTF-8 path, size, mtime in seconds, cached) rows,
+    for listings of many files.
+    """
     lines = [
-        b"%d %d %s %s\r\n"
-        % (row.size, row.mtime, b"C" if row.cached else b"-", quote_path(row.path))
-        for row in rows
+        b"%d %d %s %s\r\n" % (size, mtime, b"C" if cached else b"-", quote_bytes(path))
+        for path, size, mtime, cached in rows
     ]
     return b"OK %d\r\n" % (len(lines),) + b"".join(lines)
 

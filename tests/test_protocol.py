@@ -441,7 +441,7 @@ def test_list_error_when_the_folder_cannot_be_listed(root: Path) -> None:
     """A LIST that fails in the folder layer is `ERR unavailable` and the connection goes on."""
 
     class Broken(SharedFolder):
-        def list_files(self) -> list[tuple[str, FileStat]]:
+        def scan(self) -> list[tuple[bytes, int, int, int]]:
             raise OSError(5, "Input/output error")
 
     _, factory, _ = start(Broken(str(root)))
