@@ -27,7 +27,7 @@ from filecache.server import (
     Reply,
     error_reply,
 )
-from filecache.transfer import TransferResult, send_file, send_memory
+from filecache.transfer import TransferResult, send_file, send_memory, write_now
 
 
 def describe_peer(address: IAddress) -> str:
@@ -119,6 +119,14 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         factory = self.factory
         self.peer = describe_peer(self.transport.getPeer())
         factory.connection_made(self)
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # A status line, a body sent by the kernel and an END line are
+            # separate segments: Nagle would hold the last one back.
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
         self.transport.registerProducer(self._gate, True)
         self.callLater = factory.clock.callLater
         self.setTimeout(factory.idle_timeout)
@@ -229,7 +237,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def _finish_simple(self, line: bytes, reply: Reply, started: float) -> None:
         if self.transport is None or not self.connected:
             return
-        self.transport.write(reply.data)
+        write_now(self.transport, reply.data)
         self.factory.server.counters.bytes_sent += reply.size
         self._access(line, reply, started)
         if self._replying:

@@ -67,6 +67,31 @@ def direct_socket(transport: object) -> socket.socket | None:
     return None
 
 
+def _buffer_empty(transport: Any) -> bool:
+    # Twisted's FileDescriptor keeps unsent bytes in dataBuffer (from
+    # offset on) and _tempDataBuffer; both empty means nothing is queued.
+    return transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}, straight to its socket when nothing is
+    queued before it: a reply that fits in the socket buffer then costs one
+    C{send} and no write-readiness round trip through the reactor.
+    """
+    sock = direct_socket(transport)
+    if sock is not None and _buffer_empty(transport):
+        try:
+            sent = sock.send(data)
+        except OSError:
+            # Would block, or the peer left: Twisted's own path handles both.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 @implementer(IPullProducer)
 class _DirectSender:
     """
