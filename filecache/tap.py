@@ -23,6 +23,7 @@ from filecache.cache import FifoCache
 from filecache.folder import SharedFolder
 from filecache.protocol import FileCacheFactory, parse_allow
 from filecache.server import FileCacheServer
+from filecache.workers import AdoptedPortService, WorkerPool
 
 T = TypeVar("T")
 
@@ -108,6 +109,21 @@ class Options(usage.Options):
             "for up to this many seconds, then abort the rest and exit 0.",
         ],
         [
+            "workers",
+            "w",
+            "1",
+            "Processes serving the port: N, or auto for one per core. Each has "
+            "its own cache of --cache-size and its own --max-connections and "
+            "--max-per-ip; STATS answers for the process that took the connection.",
+        ],
+        [
+            "inherit-fd",
+            None,
+            None,
+            "Internal, used by --workers: serve the listening socket FD:FAMILY "
+            "inherited from the parent instead of --port.",
+        ],
+        [
             "max-connections",
             None,
             "1024",
@@ -150,11 +166,44 @@ class Options(usage.Options):
             self[name] = _number(f"--{name}", self[name], int)
             if self[name] < 1:
                 raise ConfigError(f"--{name} must be at least 1")
+        self["allow-text"] = self["allow"]
         if self["allow"] is not None:
             try:
                 self["allow"] = parse_allow(self["allow"])
             except ValueError as e:
                 raise ConfigError(f"--allow: {e}") from None
+        workers = str(self["workers"]).strip().lower()
+        self["workers"] = os.cpu_count() or 1 if workers == "auto" else _number("--workers", workers, int)
+        if self["workers"] < 1:
+            raise ConfigError("--workers must be at least 1")
+        if self["workers"] > 1 and self["port"].split(":", 1)[0].lower() == "ssl":
+            raise ConfigError(
+                "--workers with an ssl: port is not supported: run one worker, "
+                "or end TLS in front (HAProxy) and serve tcp: behind it"
+            )
+        if self["inherit-fd"] is not None:
+            try:
+                fd, family = (int(part) for part in self["inherit-fd"].split(":"))
+            except ValueError:
+                raise ConfigError("--inherit-fd takes FD:FAMILY") from None
+            self["inherit-fd"] = (fd, family)
+
+
+def worker_arguments(config: Options) -> list[str]:
+    """The options a worker process gets, to serve exactly as its parent does."""
+    args = [
+        "--dir", os.path.abspath(config["dir"]),
+        "--cache-size", str(config["cache-size"]),
+        "--idle-timeout", str(config["idle-timeout"] or 0),
+        "--max-connections", str(config["max-connections"]),
+        "--max-per-ip", str(config["max-per-ip"]),
+        "--drain-timeout", str(config["drain-timeout"]),
+    ]
+    if config["allow-text"] is not None:
+        args += ["--allow", config["allow-text"]]
+    if config["no-access-log"]:
+        args.append("--no-access-log")
+    return args
 
 
 def _number(option: str, text: str, kind: type) -> Any:
@@ -231,11 +280,14 @@ class _Announcer(Service):
     def startService(self) -> None:
         super().startService()
         c = self._config
+        if c["inherit-fd"] is not None:
+            return
         self._log.info(
-            "filecache serving {dir} on {port}, cache {cache_size} bytes",
+            "filecache serving {dir} on {port}, cache {cache_size} bytes, {workers} worker(s)",
             dir=os.path.realpath(c["dir"]),
             port=c["port"],
             cache_size=c["cache-size"],
+            workers=c["workers"],
         )
 
     def stopService(self) -> None:
@@ -264,8 +316,26 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         max_per_ip=config["max-per-ip"],
         allow=config["allow"],
     )
-    listener = StreamServerEndpointService(serverFromString(reactor, config["port"]), factory)
-    listener._raiseSynchronously = True
+    listener: Service
+    if config["inherit-fd"] is not None:
+        fd, family = config["inherit-fd"]
+        listener = AdoptedPortService(reactor, fd, family, factory)
+    elif config["workers"] > 1:
+        listener = WorkerPool(
+            reactor,
+            serverFromString(reactor, config["port"]),
+            factory,
+            config["workers"] - 1,
+            worker_arguments(config),
+            stop_timeout=config["drain-timeout"] + 5,
+        )
+    else:
+        endpoint_service = StreamServerEndpointService(
+            serverFromString(reactor, config["port"]), factory
+        )
+        # Fail at start-up (port in use, say) rather than log and idle.
+        endpoint_service._raiseSynchronously = True
+        listener = endpoint_service
     listener.setServiceParent(top)
     DrainService(factory, config["drain-timeout"], reactor).setServiceParent(top)
     _Announcer(config).setServiceParent(top)

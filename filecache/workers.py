@@ -1,0 +1,253 @@
+"""
+Using every core: the parent process listens, then starts worker processes
+that adopt its listening socket, so the kernel spreads connections over them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from typing import Any, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IListeningPort, IReadDescriptor, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} ")
+
+
+def address_family(port: IListeningPort) -> int:
+    """The socket family of a listening port (from its address type)."""
+    host = port.getHost()
+    kind = type(host).__name__
+    if kind == "UNIXAddress":
+        return socket.AF_UNIX
+    if kind == "IPv6Address":
+        return socket.AF_INET6
+    return socket.AF_INET
+
+
+@implementer(IReadDescriptor)
+class _ParentWatch:
+    """
+    Reads the worker's standard input, a pipe whose other end only the
+    parent holds: when it closes, the parent is gone, and so should we be.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def fileno(self) -> int:
+        return 0
+
+    def doRead(self) -> object:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        return None if data else ConnectionDone()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._log.warn("the parent process is gone; stopping")
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def logPrefix(self) -> str:
+        return "parent-watch"
+
+
+class AdoptedPortService(Service):
+    """
+    Serves C{factory} on a listening socket inherited from the parent, for
+    as long as the parent lives.
+    """
+
+    def __init__(self, reactor: Any, fd: int, family: int, factory: Factory) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._family = family
+        self._factory = factory
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._port = self._reactor.adoptStreamPort(self._fd, self._family, self._factory)
+        # adoptStreamPort works on a duplicate; ours is no longer needed.
+        os.close(self._fd)
+        self._reactor.addReader(_ParentWatch(self._reactor))
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()  # type: ignore[no-any-return]
+        return None
+
+
+class _Worker(ProcessProtocol):
+    """One worker process: relays its log lines, tells the pool when it ends."""
+
+    _log = Logger()
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self._pool = pool
+        self.number = number
+        self.ended: Deferred[None] = Deferred()
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._relay(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._relay(data)
+
+    def _relay(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            # The worker's own time stamp is dropped: ours is on the line.
+            text = _STAMP.sub("", line.decode("utf-8", "replace")).strip()
+            if text:
+                self._log.info("worker {number}: {line}", number=self.number, line=text)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._partial:
+            self._relay(b"\n")
+        self._pool.worker_ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """
+    Listens on C{endpoint} itself, then keeps C{count} worker processes
+    serving the same socket (restarting any that dies), and stops them with
+    SIGTERM so each drains its own connections.
+
+    @param worker_args: the plugin's arguments for a worker, to which
+        C{--inherit-fd FD:FAMILY} is added.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoint: IStreamServerEndpoint,
+        factory: Factory,
+        count: int,
+        worker_args: Sequence[str],
+        stop_timeout: float,
+    ) -> None:
+        self._reactor = reactor
+        self._endpoint = endpoint
+        self._factory = factory
+        self._count = count
+        self._worker_args = list(worker_args)
+        self._stop_timeout = stop_timeout
+        self._port: Any = None
+        self._workers: dict[int, tuple[_Worker, Any]] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._endpoint.listen(self._factory)
+        d.addCallback(self._listening)
+        d.addErrback(self._cannot_listen)
+
+    def _cannot_listen(self, reason: Failure) -> None:
+        self._log.failure("cannot listen", reason)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def _listening(self, port: Any) -> None:
+        self._port = port
+        for number in range(1, self._count + 1):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        fd = self._port.fileno()
+        family = address_family(self._port)
+        args = [
+            sys.executable,
+            "-m",
+            "twisted",
+            "--log-format=text",
+            "filecache",
+            *self._worker_args,
+            "--inherit-fd",
+            f"{fd}:{family}",
+        ]
+        worker = _Worker(self, number)
+        process = self._reactor.spawnProcess(
+            worker,
+            sys.executable,
+            args,
+            env=dict(os.environ),
+            childFDs={0: "w", 1: "r", 2: "r", fd: fd},
+        )
+        self._workers[number] = (worker, process)
+        self._log.info("started worker {number} (pid {pid})", number=number, pid=process.pid)
+
+    def worker_ended(self, worker: _Worker, reason: Failure) -> None:
+        self._workers.pop(worker.number, None)
+        if self._stopping:
+            return
+        self._log.warn(
+            "worker {number} ended unexpectedly ({why}); starting another",
+            number=worker.number,
+            why=reason.getErrorMessage(),
+        )
+        self._reactor.callLater(1, self._respawn, worker.number)
+
+    def _respawn(self, number: int) -> None:
+        if not self._stopping and self._port is not None and number not in self._workers:
+            self._spawn(number)
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for _, process in self._workers.values()]
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self._stopping = True
+        waits: list[Deferred[Any]] = []
+        if self._port is not None:
+            waits.append(self._port.stopListening() or succeed(None))
+        ended = []
+        for worker, process in list(self._workers.values()):
+            ended.append(worker.ended)
+            try:
+                process.signalProcess("TERM")
+            except Exception:
+                pass
+
+        def kill_stragglers() -> None:
+            for _, process in list(self._workers.values()):
+                try:
+                    process.signalProcess("KILL")
+                except Exception:
+                    pass
+
+        if ended:
+            call = self._reactor.callLater(self._stop_timeout, kill_stragglers)
+            all_ended = DeferredList(ended)
+
+            def done(result: object) -> object:
+                if call.active():
+                    call.cancel()
+                return result
+
+            waits.append(all_ended.addBoth(done))
+        return DeferredList(waits)

@@ -1,0 +1,104 @@
+"""
+--workers: the parent listens, worker processes adopt its socket and serve
+beside it; a dead worker is replaced; SIGTERM stops them all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from conftest import RawClient
+
+
+def worker_pids(log: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"started worker \d+ \(pid (\d+)\)", log)]
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not alive either.
+    return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_workers_share_the_port(shared: Path, daemon_factory) -> None:
+    """With --workers 2 both processes accept connections on the one port and serve the same files."""
+    (shared / "a.txt").write_bytes(b"shared by all")
+    daemon = daemon_factory(shared, "--workers", "2")
+    wait_for(lambda: "worker 1: [-] FileCacheFactory starting on" in daemon.log_text(), 20, "the worker")
+    clients = [RawClient(daemon.port) for _ in range(60)]
+    for client in clients:
+        assert client.get(b"a.txt")[1] == b"shared by all"
+    time.sleep(0.5)
+    log = daemon.log_text()
+    by_worker = len(re.findall(r"worker 1: \[filecache\.protocol\.FileCacheProtocol#info\] .* GET a\.txt OK", log))
+    by_parent = len(re.findall(r"\] 127\.0\.0\.1:\d+ GET a\.txt OK", log)) - by_worker
+    assert by_worker + by_parent == 60
+    assert by_worker > 0 and by_parent > 0, (by_worker, by_parent)
+    for client in clients:
+        client.close()
+
+
+def test_dead_worker_is_replaced_and_sigterm_stops_all(shared: Path, daemon_factory) -> None:
+    """A killed worker is started again; SIGTERM to the parent stops every process with status 0."""
+    (shared / "a.txt").write_bytes(b"a")
+    daemon = daemon_factory(shared, "--workers", "2")
+    wait_for(lambda: worker_pids(daemon.log_text()), 20, "the worker")
+    first = worker_pids(daemon.log_text())[0]
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: len(worker_pids(daemon.log_text())) == 2, 20, "a new worker")
+    second = worker_pids(daemon.log_text())[1]
+    assert second != first and alive(second)
+    assert "worker 1 ended unexpectedly" in daemon.log_text()
+    for _ in range(10):
+        client = RawClient(daemon.port)
+        assert client.get(b"a.txt")[1] == b"a"
+        client.close()
+    assert daemon.stop() == 0
+    wait_for(lambda: not alive(second), 10, "the worker to stop")
+
+
+def test_workers_auto_and_bad_values(tmp_path: Path) -> None:
+    """--workers auto means one per core; 0 and ssl: ports are refused with one line."""
+    import subprocess
+
+    from conftest import tool
+
+    for args, message in [
+        (["--workers", "0"], "filecache: --workers must be at least 1"),
+        (["--workers", "x"], "filecache: --workers: not a number: 'x'"),
+        (["--workers", "2", "--port", "ssl:5443:privateKey=k.pem"], "filecache: --workers with an ssl: port is not supported"),
+    ]:
+        result = subprocess.run(
+            [tool("twistd"), "-n", "--pidfile=", "filecache", "--dir", str(tmp_path), *args],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 1
+        assert result.stderr.startswith(message), result.stderr
+    from filecache.tap import Options
+
+    options = Options()
+    options.parseOptions(["--dir", str(tmp_path), "--workers", "auto"])
+    assert options["workers"] == os.cpu_count()
+
+
+def test_workers_stop_when_the_parent_is_killed(shared: Path, daemon_factory) -> None:
+    """A worker whose parent died (SIGKILL, no chance to stop it) stops by itself."""
+    daemon = daemon_factory(shared, "--workers", "2")
+    wait_for(lambda: worker_pids(daemon.log_text()), 20, "the worker")
+    worker = worker_pids(daemon.log_text())[0]
+    daemon.stop(signal.SIGKILL)
+    wait_for(lambda: not alive(worker), 15, "the orphaned worker to stop")
