@@ -9,6 +9,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, TypeVar
 
 from filecache.wire import PathError, split_path
@@ -44,7 +45,7 @@ class FileStat:
     def of(cls, st: os.stat_result) -> FileStat:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns)
 
-    @property
+    @cached_property
     def version(self) -> str:
         """The opaque token that changes whenever the content may have changed."""
         return f"{self.ino:x}-{self.size:x}-{self.mtime_ns:x}"
@@ -80,8 +81,11 @@ class OpenedFile:
             pass
 
 
+_HIDDEN = os.sep + "."
+
+
 def _has_hidden_part(relative: str) -> bool:
-    return any(part.startswith(".") for part in relative.split(os.sep))
+    return relative.startswith(".") or _HIDDEN in relative
 
 
 Row = TypeVar("Row", bound=tuple)  # type: ignore[type-arg]
