@@ -683,6 +683,23 @@ def w1_small(ctx: Context, s: Server) -> Run:
     return run
 
 
+def w7_small_two_workers(ctx: Context, s: Server) -> Run:
+    """Workload 1 again, with filecache started with --workers 2 (the others as they are)."""
+    if s.name != FILECACHE or ctx.args.workers:
+        return w1_small(ctx, s)
+    two = Server(
+        FILECACHE,
+        "fc",
+        lambda port: filecache_argv(port, ctx.ds.root, ctx.args) + ["--workers", "2"],
+        ctx.logs / "filecache-2-workers.log",
+    )
+    two.start(ctx.procs)
+    try:
+        return w1_small(ctx, two)
+    finally:
+        two.stop(ctx.procs)
+
+
 def w2_big_cached(ctx: Context, s: Server) -> Run:
     loadgen(ctx.procs, s, "-n", "2", "-u", BIG, label="w2-warm")
     r = loadgen(ctx.procs, s, "-c", "1", "-d", ctx.duration, "-u", BIG, label="w2")
@@ -829,6 +846,7 @@ WORKLOADS = [
     Workload(4, "48 MiB file, 200 conns at once", w4_many),
     Workload(5, "10,000 cold 4 KiB files, 50 conns", w5_cold),
     Workload(6, "LIST of 100,000 files (nginx: autoindex)", w6_list),
+    Workload(7, "as 1, filecache with --workers 2", w7_small_two_workers),
 ]
 
 
@@ -881,6 +899,8 @@ ROWS = [
     Row(5, "requests/s", "rps", True, "{:,.0f}", _ratio_target(None, 5)),
     Row(6, "seconds", "seconds", False, "{:.3f}", _below(1, "s")),
     Row(6, "peak RSS MiB", "rss", False, "{:,.0f}", _below(100, "MiB")),
+    Row(7, "requests/s", "rps", True, "{:,.0f}", _ratio_target(0.6, 8)),
+    Row(7, "p99 latency ms", "p99", False, "{:.2f}", _below(5, "ms")),
 ]
 
 
