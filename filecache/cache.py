@@ -6,8 +6,8 @@ eviction, entries checked against the file's current version.  Pure logic.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from zope.interface import Attribute, Interface, implementer
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import IO, Any, Sequence
+from collections.abc import Sequence
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
@@ -208,7 +209,7 @@ def tls_creator(inv: Invocation, err: IO[str]) -> Any:
                 trust: Any = ssl.Certificate.loadPEM(f.read())
         except OSError as e:
             raise UsageError(f"--cafile {inv.cafile}: {e.strerror}") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - pyOpenSSL raises several kinds for bad PEM
             raise UsageError(f"--cafile {inv.cafile}: not a PEM certificate ({e})") from None
     else:
         trust = ssl.platformTrust()
@@ -309,7 +310,7 @@ async def get_all(session: Session, inv: Invocation, out: IO[str], err: IO[str],
 
     for name in inv.names:
         try:
-            saved, result = await fetch(
+            saved, _result = await fetch(
                 session,
                 name,
                 inv.folder,
@@ -379,8 +380,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         def failed(reason: Failure) -> None:
             if reason.check(SystemExit):
                 reason.raiseException()
-            sys.stderr.write(f"filecache-client: {describe(reason.value)}\n")
-            raise SystemExit(exit_status(reason.value))
+            error = reason.value
+            assert error is not None  # a Failure always holds its exception
+            sys.stderr.write(f"filecache-client: {describe(error)}\n")
+            raise SystemExit(exit_status(error))
 
         return d.addCallbacks(done, failed)
 

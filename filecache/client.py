@@ -5,13 +5,16 @@ request at a time and turns replies into Deferred results.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -174,24 +177,32 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
 
     delimiter = b"\n"
     MAX_LENGTH = 64 * 1024
+    # Set by makeConnection, before any request can be sent.
+    transport: ITCPTransport
     _log = Logger()
 
-    def __init__(self, timeout: float | None = None, clock: Any = None) -> None:
+    def __init__(self, timeout: float | None = None, clock: IReactorTime | None = None) -> None:
         self._timeout = timeout
         self._queue: deque[tuple[bytes, _Operation]] = deque()
         self._current: _Operation | None = None
         self._failed: Failure | None = None
         self.closed: Deferred[None] = Deferred()
         """Fires when the connection is gone."""
-        if clock is not None:
-            self.callLater = clock.callLater
+        self._clock = clock
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's timer runs on the injected clock, if there is one.
+        if self._clock is not None:
+            return self._clock.callLater(period, func)
+        call: IDelayedCall = super().callLater(period, func)
+        return call
 
     # Requests
 
     def list(self, cached: bool = False) -> Deferred[list[wire.ListRow]]:
         return self._request(wire.ListRequest(cached), _Rows(wire.parse_list_row))
 
-    def stats(self) -> Deferred[list[tuple[str, int]]]:
+    def stats(self) -> Deferred[builtins.list[tuple[str, int]]]:
         return self._request(wire.StatsRequest(), _Rows(wire.parse_stats_row))
 
     def hash(self, path: str) -> Deferred[FileHash]:
@@ -251,7 +262,7 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
             return
         except wire.WireError as e:
             return self._fail(BrokenReply(f"malformed reply from server: {e.message}"))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any other error breaks the connection
             return self._fail(e)
         if done:
             self._current = None
@@ -266,7 +277,7 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
             return self._fail(BrokenReply("unexpected data from server"))
         try:
             rest = op.raw(self, data)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             # The sink could not take the bytes (a local write error).
             return self._fail(e)
         if rest is not None:
@@ -283,7 +294,7 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         self._failed = Failure(ConnectionLostEarly("timed out waiting for the server"))
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         if self._failed is None:
             tls = _tls_error(reason)
@@ -321,8 +332,9 @@ def _tls_error(reason: Failure) -> str | None:
     else:
         if reason.check(VerificationError):
             return f"the certificate does not match the host name: {reason.value}"
-    if reason.check(SSL.Error):
-        detail = reason.value.args[0] if reason.value.args else reason.value
+    error = reason.value
+    if reason.check(SSL.Error) and error is not None:
+        detail = error.args[0] if error.args else error
         if isinstance(detail, list) and detail and isinstance(detail[0], tuple):
             return "; ".join(str(part[-1]) for part in detail)
         return str(detail) or "certificate rejected"

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import IO, Any, Awaitable, Callable
+from typing import IO, Any
 
 from twisted.internet.error import ConnectError
 
@@ -353,7 +354,7 @@ async def _fetch_once(
         sink.prepare(0, None)
         return await client.get(path, sink)
     sink.prepare(have, current.version)
-    result = await client.get(path, sink, have)
+    await client.get(path, sink, have)
     sink.keep()
     if sink.digest() != current.digest:
         raise BrokenReply("SHA-256 of the resumed file does not match the server's")

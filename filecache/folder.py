@@ -8,9 +8,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from filecache.wire import PathError, split_path
 
@@ -220,7 +221,7 @@ class SharedFolder:
         """
         return [
             (encoded.decode("utf-8"), FileStat(ino, size, mtime_ns))
-            for encoded, size, mtime_ns, ino in self.scan()
+            for encoded, size, mtime_ns, ino in self.scan(_compact)
         ]
 
     def scan(self, row: Callable[[bytes, os.stat_result], Row] = _compact) -> list[Row]:  # type: ignore[assignment]
@@ -258,9 +259,8 @@ class SharedFolder:
                     except UnicodeEncodeError:
                         continue
                     try:
-                        if entry.is_symlink():
-                            if not self._inside(os.path.realpath(entry.path)):
-                                continue
+                        if entry.is_symlink() and not self._inside(os.path.realpath(entry.path)):
+                            continue
                         st = entry.stat()
                     except OSError:
                         continue

@@ -8,10 +8,19 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -40,6 +49,13 @@ def describe_peer(address: IAddress) -> str:
     if isinstance(name, bytes):
         name = os.fsdecode(name)
     return name or type(address).__name__
+
+
+class _IConnection(ITCPTransport, IConsumer):
+    """
+    What a daemon connection's transport is, for the type checker: TCP, UNIX
+    and TLS transports all have the methods of both interfaces.
+    """
 
 
 @implementer(IPushProducer)
@@ -78,6 +94,8 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     MAX_LENGTH = wire.MAX_LINE + 1
 
     factory: FileCacheFactory
+    # Set by makeConnection, before any of our methods that use it run.
+    transport: _IConnection
     _log = Logger()
 
     def __init__(self) -> None:
@@ -128,8 +146,11 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             except OSError:
                 pass
         self.transport.registerProducer(self._gate, True)
-        self.callLater = factory.clock.callLater
         self.setTimeout(factory.idle_timeout)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's timer runs on the factory's clock.
+        return self.factory.clock.callLater(period, func)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -183,7 +204,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             return
         try:
             reply = factory.server.respond(request)
-        except Exception:
+        except Exception:  # noqa: BLE001 - logged, and the client told
             self._log.failure("Error answering {request!r}", request=line[:200])
             reply = error_reply(wire.UNAVAILABLE, "internal error")
         if isinstance(reply, Deferred):
@@ -303,6 +324,8 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
 class _Refusal(Protocol):
     """Says C{ERR busy ...} and hangs up: the answer past a connection limit."""
 
+    transport: ITransport
+
     def __init__(self, message: str) -> None:
         self._message = message
 
@@ -327,7 +350,15 @@ def parse_allow(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network
     return networks
 
 
-class FileCacheFactory(Factory):
+if TYPE_CHECKING:
+    _ProtocolFactory = Factory[Protocol]
+else:
+    # Twisted 23.10, the oldest we support, cannot subscript Factory at run
+    # time; newer releases type it by the protocols it builds.
+    _ProtocolFactory = Factory
+
+
+class FileCacheFactory(_ProtocolFactory):
     """
     Builds L{FileCacheProtocol}s that share one L{FileCacheServer}, within
     the connection limits and the allow-list.
@@ -350,9 +381,11 @@ class FileCacheFactory(Factory):
         allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor
+
+            clock = reactor
         self.server = server
-        self.clock: Any = clock
+        self.clock: IReactorTime = clock
         self.access_log = access_log
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -374,7 +407,7 @@ class FileCacheFactory(Factory):
             address = address.ipv4_mapped
         return any(address in network for network in self.allow)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         host = getattr(addr, "host", None)
         if self.allow is not None and host is not None and not self._allowed(host):
             if host not in self._refused_hosts:
@@ -421,7 +454,8 @@ class FileCacheFactory(Factory):
         self.draining = True
         if not self._live:
             return succeed(None)
-        self._drained = drained = Deferred()
+        drained: Deferred[None] = Deferred()
+        self._drained = drained
         busy = 0
         for protocol in list(self._live):
             if protocol.replying:

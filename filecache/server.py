@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from stat import S_ISREG
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol, TypeVar, Union
+from stat import S_ISREG
+from typing import Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
@@ -37,7 +38,7 @@ def run_now(work: Callable[[], T]) -> Deferred[T]:
     """Run blocking C{work} right away, on this thread (for tests)."""
     try:
         return succeed(work())
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the Deferred carries it, as with maybeDeferred
         return fail(Failure())
 
 
@@ -71,7 +72,7 @@ class DiskBody:
     fill: bool
 
 
-Body = Union[MemoryBody, DiskBody]
+Body = MemoryBody | DiskBody
 
 
 @dataclass(frozen=True)
@@ -176,10 +177,10 @@ class FileCacheServer:
         if request.offset > st.size:
             opened.close()
             return error_reply(wire.BAD_REQUEST, "offset past the end of the file")
-        entry = self.cache.lookup(path, st.version)
-        if entry is not None:
+        known = self.cache.lookup(path, st.version)
+        if known is not None:
             opened.close()
-            return self._from_memory(entry.data, request.offset, entry.digest, st.version, "hit")
+            return self._from_memory(known.data, request.offset, known.digest, st.version, "hit")
         if st.size <= INLINE_LIMIT:
             try:
                 data = _read_whole(opened)
@@ -195,10 +196,10 @@ class FileCacheServer:
                 return self._from_memory(data, request.offset, digest, st.version, "miss")
             return reply
         whole = request.offset == 0
-        digest = self.digests.get(st.version) if whole else None
+        known_digest = self.digests.get(st.version) if whole else None
         fill = whole and self._reserve_fill(path, st.size)
         length = st.size - request.offset
-        body = DiskBody(opened, request.offset, length, digest, fill)
+        body = DiskBody(opened, request.offset, length, known_digest, fill)
         return Reply(
             wire.format_get_status(length, st.version), "OK", body, "miss", length
         )
@@ -328,14 +329,14 @@ class FileCacheServer:
 
         # What the cache holds now, looked up by encoded path in the disk
         # thread: the cache is small next to a large folder.
-        cached = {path.encode("utf-8"): entry.version for path, entry in self.cache}
+        in_cache = {path.encode("utf-8"): entry.version for path, entry in self.cache}
         quote = wire.quote_bytes
 
         def row(path: bytes, st: os.stat_result) -> tuple[bytes, bytes]:
             size = st.st_size
             mtime_ns = st.st_mtime_ns
             mark = b"-"
-            if path in cached and cached[path] == FileStat(st.st_ino, size, mtime_ns).version:
+            if path in in_cache and in_cache[path] == FileStat(st.st_ino, size, mtime_ns).version:
                 mark = b"C"
             return path, b"%d %d %s %s\r\n" % (size, mtime_ns // 1_000_000_000, mark, quote(path))
 

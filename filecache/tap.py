@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -77,51 +78,64 @@ class Options(usage.Options):
         "excepted) with many clients at once, keeping recently read files in "
         "a first-in first-out memory cache.  See docs/protocol.md."
     )
-    optParameters = [
+    # Read by usage.Options from the class; never changed.
+    optParameters: ClassVar[list[list[str | None]]] = [
         [
             "port",
             "p",
             "tcp:5000",
-            "Where to listen: a Twisted endpoint description (tcp:5000:"
-            "interface=127.0.0.1, unix:/run/fc.sock, ssl:5443:privateKey=..., "
-            "systemd:domain=INET:index=0) or a bare port number.",
+            (
+                "Where to listen: a Twisted endpoint description (tcp:5000:"
+                "interface=127.0.0.1, unix:/run/fc.sock, ssl:5443:privateKey=..., "
+                "systemd:domain=INET:index=0) or a bare port number."
+            ),
         ],
         ["dir", "d", None, "The folder to share (required; must exist)."],
         [
             "cache-size",
             "c",
             "64M",
-            "Memory cache budget: bytes, or a number with K, M or G (binary "
-            "units). Files larger than this are streamed from disk, never cached.",
+            (
+                "Memory cache budget: bytes, or a number with K, M or G (binary "
+                "units). Files larger than this are streamed from disk, never cached."
+            ),
         ],
         [
             "idle-timeout",
             None,
             "120",
-            "Close a connection that sends no request for this many seconds, "
-            "and abort a reply the client accepts no bytes of for as long. 0: never.",
+            (
+                "Close a connection that sends no request for this many seconds, "
+                "and abort a reply the client accepts no bytes of for as long. 0: never."
+            ),
         ],
         [
             "drain-timeout",
             None,
             "30",
-            "On SIGTERM, stop accepting at once and let replies in flight finish "
-            "for up to this many seconds, then abort the rest and exit 0.",
+            (
+                "On SIGTERM, stop accepting at once and let replies in flight finish "
+                "for up to this many seconds, then abort the rest and exit 0."
+            ),
         ],
         [
             "workers",
             "w",
             "1",
-            "Processes serving the port: N, or auto for one per core. Each has "
-            "its own cache of --cache-size and its own --max-connections and "
-            "--max-per-ip; STATS answers for the process that took the connection.",
+            (
+                "Processes serving the port: N, or auto for one per core. Each has "
+                "its own cache of --cache-size and its own --max-connections and "
+                "--max-per-ip; STATS answers for the process that took the connection."
+            ),
         ],
         [
             "inherit-fd",
             None,
             None,
-            "Internal, used by --workers: serve the listening socket FD:FAMILY "
-            "inherited from the parent instead of --port.",
+            (
+                "Internal, used by --workers: serve the listening socket FD:FAMILY "
+                "inherited from the parent instead of --port."
+            ),
         ],
         [
             "max-connections",
@@ -133,19 +147,23 @@ class Options(usage.Options):
             "max-per-ip",
             None,
             "64",
-            "Connections served at once from one client address; one more is "
-            "answered ERR busy and closed.",
+            (
+                "Connections served at once from one client address; one more is "
+                "answered ERR busy and closed."
+            ),
         ],
         [
             "allow",
             None,
             None,
-            "Serve only clients in these networks: CIDR[,CIDR...] such as "
-            "10.0.0.0/8,192.168.1.7,::1 (default: everyone). Others are closed "
-            "before a byte is read.",
+            (
+                "Serve only clients in these networks: CIDR[,CIDR...] such as "
+                "10.0.0.0/8,192.168.1.7,::1 (default: everyone). Others are closed "
+                "before a byte is read."
+            ),
         ],
     ]
-    optFlags = [
+    optFlags: ClassVar[list[list[str | None]]] = [
         ["no-access-log", None, "Do not log a line for every reply."],
     ]
 

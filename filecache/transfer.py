@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -58,19 +59,21 @@ def direct_socket(transport: object) -> socket.socket | None:
     The socket under C{transport} if we may write to it directly: a plain
     TCP or UNIX stream connection, not TLS.
     """
-    if isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(
-        transport
+    if (
+        isinstance(transport, tcp.Connection)
+        and not ISSLTransport.providedBy(transport)
+        and not getattr(transport, "TLS", False)
     ):
-        if not getattr(transport, "TLS", False):
-            sock: socket.socket = transport.socket
-            return sock
+        sock: socket.socket = transport.socket
+        return sock
     return None
 
 
 def _buffer_empty(transport: Any) -> bool:
     # Twisted's FileDescriptor keeps unsent bytes in dataBuffer (from
     # offset on) and _tempDataBuffer; both empty means nothing is queued.
-    return transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
+    empty: bool = transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
+    return empty
 
 
 def write_now(transport: Any, data: bytes) -> None:

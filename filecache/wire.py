@@ -6,8 +6,8 @@ percent-encoding paths.  Pure functions on bytes; no I/O (see docs/protocol.md).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Union
 
 MAX_LINE = 4096
 """The longest request line, in bytes, not counting its terminator."""
@@ -25,7 +25,7 @@ ERROR_CODES = frozenset({NOT_FOUND, BAD_REQUEST, TOO_LONG, BUSY, UNAVAILABLE})
 _SAFE = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/"
 )
-_QUOTE_TABLE = [chr(b) if b in _SAFE else "%{:02X}".format(b) for b in range(256)]
+_QUOTE_TABLE = [chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256)]
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _VERSION = re.compile(rb"[0-9a-f]+(?:-[0-9a-f]+)*\Z")
 _DIGEST = re.compile(rb"[0-9a-f]{64}\Z")
@@ -153,7 +153,7 @@ class QuitRequest:
     """C{QUIT}."""
 
 
-Request = Union[ListRequest, GetRequest, HashRequest, StatsRequest, QuitRequest]
+Request = ListRequest | GetRequest | HashRequest | StatsRequest | QuitRequest
 
 
 def _parse_offset(token: bytes) -> int:

@@ -9,17 +9,22 @@ import os
 import re
 import socket
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IListeningPort, IReadDescriptor, IStreamServerEndpoint
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReadDescriptor,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
-
 
 _STAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} ")
 
@@ -50,7 +55,10 @@ class _ParentWatch:
     def fileno(self) -> int:
         return 0
 
-    def doRead(self) -> object:
+    # Returns the exception that ends the descriptor, as Twisted's own
+    # doRead methods do and as the reactor expects; IReadDescriptor's
+    # annotation says Failure instead.
+    def doRead(self) -> ConnectionDone | None:  # type: ignore[override]
         try:
             data = os.read(0, 4096)
         except BlockingIOError:
@@ -74,7 +82,7 @@ class AdoptedPortService(Service):
     as long as the parent lives.
     """
 
-    def __init__(self, reactor: Any, fd: int, family: int, factory: Factory) -> None:
+    def __init__(self, reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> None:
         self._reactor = reactor
         self._fd = fd
         self._family = family
@@ -145,7 +153,7 @@ class WorkerPool(Service):
         self,
         reactor: Any,
         endpoint: IStreamServerEndpoint,
-        factory: Factory,
+        factory: IProtocolFactory,
         count: int,
         worker_args: Sequence[str],
         stop_timeout: float,
@@ -230,14 +238,14 @@ class WorkerPool(Service):
             ended.append(worker.ended)
             try:
                 process.signalProcess("TERM")
-            except Exception:
+            except Exception:  # noqa: BLE001, S110 - it may have ended already
                 pass
 
         def kill_stragglers() -> None:
             for _, process in list(self._workers.values()):
                 try:
                     process.signalProcess("KILL")
-                except Exception:
+                except Exception:  # noqa: BLE001, S110 - it may have ended already
                     pass
 
         if ended:

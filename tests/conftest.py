@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -192,7 +192,7 @@ class RawClient:
                 pass
         except ConnectionResetError:
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
         return True
 
@@ -216,6 +216,7 @@ def run_client(*args: str, cwd: Path | None = None, timeout: float = 60) -> subp
     """Run the real C{filecache-client}; capture its output."""
     return subprocess.run(
         [tool("filecache-client"), *args],
+        check=False,
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import Daemon, run_client, tool
+
 from filecache.cli import Invocation, UsageError, build_parser, human_size
 
 
@@ -75,7 +75,7 @@ def test_progress_bar_on_a_terminal(shared: Path, daemon: Daemon, tmp_path: Path
     typescript = tmp_path / "typescript"
     result = subprocess.run(
         ["script", "-qec", f"stty cols 100 rows 20; {command}", str(typescript)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     screen = typescript.read_text(errors="replace").replace("\r", "\n")
@@ -84,7 +84,7 @@ def test_progress_bar_on_a_terminal(shared: Path, daemon: Daemon, tmp_path: Path
     assert (out / "bar.bin").read_bytes() == b"x" * 300_000
     quiet = subprocess.run(
         ["script", "-qec", f"stty cols 100 rows 20; {command} --force --quiet", str(typescript)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
     )
     assert quiet.returncode == 0
     assert "%|" not in typescript.read_text(errors="replace")

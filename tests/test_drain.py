@@ -13,11 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+from conftest import RawClient
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from conftest import RawClient
 from filecache.cache import FifoCache
 from filecache.folder import SharedFolder
 from filecache.protocol import FileCacheFactory
@@ -112,7 +112,7 @@ def test_drain_in_memory(tmp_path: Path) -> None:
     factory.drain(5).addCallback(fired.append)
     assert all(t.disconnecting for _, t in protocols)
     assert fired == []
-    for proto, transport in protocols:
+    for proto, _transport in protocols:
         proto.connectionLost(None)
     assert fired == [None]
     assert clock.getDelayedCalls() == []

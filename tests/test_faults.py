@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import Daemon, RawClient, open_fds, run_client, tool
+from conftest import Daemon, RawClient, open_fds, tool
 
 MiB = 1024 * 1024
 
@@ -151,7 +150,7 @@ def test_file_changed_while_streaming(shared: Path, daemon_factory, tmp_path: Pa
             os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
     finally:
         process.send_signal(signal.SIGCONT)
-    stdout, stderr = process.communicate(timeout=60)
+    _stdout, stderr = process.communicate(timeout=60)
     assert process.returncode in (3, 4), stderr
     assert not (out / "f.bin").exists()
     assert "Traceback" not in stderr
@@ -201,7 +200,7 @@ def test_server_killed_mid_download(shared: Path, daemon: Daemon, tmp_path: Path
     process = stalled_client_download(daemon, "big.bin", out, 1 * MiB, "--retries", "2")
     daemon.stop(signal.SIGKILL)
     process.send_signal(signal.SIGCONT)
-    stdout, stderr = process.communicate(timeout=60)
+    _stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 3
     lines = stderr.splitlines()
     assert lines[0].startswith("filecache-client: big.bin: connection lost after ")
@@ -382,7 +381,7 @@ def test_pipelining_without_reading_costs_bounded_memory(shared: Path, daemon_fa
     while sent < len(payload) and time.monotonic() < deadline:
         try:
             sent += s.send(payload[sent : sent + 1 << 20])
-        except socket.timeout:
+        except TimeoutError:
             break
     time.sleep(1)
     after = rss_kib(daemon.pid)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Daemon, RawClient, open_fds, run_client, tool
 
 
@@ -38,6 +37,7 @@ def test_missing_dir_is_one_line_error_and_status_1(tmp_path: Path) -> None:
     """--dir that does not exist: exit status 1, one line on stderr, no traceback."""
     result = subprocess.run(
         [tool("twistd"), "-n", "--pidfile=", "filecache", "--dir", str(tmp_path / "nope")],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
@@ -52,7 +52,11 @@ def test_missing_dir_is_one_line_error_and_status_1(tmp_path: Path) -> None:
 def test_dir_is_required(tmp_path: Path) -> None:
     """No --dir at all: exit status 1 and a one-line error."""
     result = subprocess.run(
-        [tool("twistd"), "-n", "--pidfile=", "filecache"], capture_output=True, text=True, timeout=60
+        [tool("twistd"), "-n", "--pidfile=", "filecache"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert result.stderr.strip() == "filecache: --dir is required: the folder to share"
@@ -61,7 +65,11 @@ def test_dir_is_required(tmp_path: Path) -> None:
 def test_help_documents_every_option() -> None:
     """twistd filecache --help names every option of the daemon."""
     result = subprocess.run(
-        [tool("twistd"), "filecache", "--help"], capture_output=True, text=True, timeout=60
+        [tool("twistd"), "filecache", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0
     for option in ("--port", "--dir", "--cache-size", "--no-access-log"):
@@ -311,7 +319,7 @@ def test_pipelined_requests_answered_in_order(shared: Path, daemon: Daemon, raw:
     request = b"".join(b"GET " + name.encode() + b"\r\n" for name in files) + b"NOPE\r\nSTATS\r\n"
     raw.send(request)
     for name, data in files.items():
-        status, body, end = raw.read_get()
+        _status, body, end = raw.read_get()
         assert body == data, name
         assert end == b"END " + sha(data).encode() + b"\r\n"
     assert raw.line().startswith(b"ERR bad-request")
@@ -333,7 +341,7 @@ def test_fifty_clients_at_once(shared: Path, daemon: Daemon) -> None:
                 if body != content or end != b"END " + sha(content).encode() + b"\r\n":
                     errors.append(f"{n} {name}")
             client.close()
-        except Exception as e:  # pragma: no cover - reported below
+        except Exception as e:  # noqa: BLE001  # pragma: no cover - reported below
             errors.append(f"{n}: {e!r}")
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(50)]
@@ -358,7 +366,7 @@ def test_client_disconnecting_mid_transfer(shared: Path, daemon: Daemon) -> None
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         s.close()
     client = RawClient(daemon.port)
-    _, body, end = client.get(b"big.bin")
+    _, body, _end = client.get(b"big.bin")
     assert body == data
     client.close()
     time.sleep(0.3)
@@ -470,7 +478,7 @@ def test_access_log_lines_and_switch(shared: Path, daemon_factory) -> None:
     client.get(b"missing")
     client.close()
     time.sleep(0.3)
-    lines = [l for l in daemon.log_text().splitlines() if "FileCacheProtocol" in l]
+    lines = [line for line in daemon.log_text().splitlines() if "FileCacheProtocol" in line]
     assert len(lines) == 3
     assert " 127.0.0.1:" in lines[0] and " GET a.txt OK 5 " in lines[0]
     assert lines[0].endswith(" miss") and lines[1].endswith(" hit")

@@ -61,7 +61,7 @@ def test_lost_connection_resumes_from_the_part(shared: Path, daemon_factory, tmp
     first.stop(signal.SIGKILL)
     second = daemon_factory(shared, port=f"tcp:{first.port}:interface=127.0.0.1")
     process.send_signal(signal.SIGCONT)
-    stdout, stderr = process.communicate(timeout=120)
+    _stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert (out / "big.bin").read_bytes() == data
     assert sorted(p.name for p in out.iterdir()) == ["big.bin"]
