@@ -96,6 +96,13 @@ def _compact(encoded: bytes, st: os.stat_result) -> tuple[bytes, int, int, int]:
     return (encoded, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def _open_error(path: str, error: OSError) -> Exception:
+    """NotShared for errors that mean no such file, Unreadable for the rest."""
+    if error.errno in _ABSENT:
+        return NotShared(path)
+    return Unreadable(path, error)
+
+
 class SharedFolder:
     """
     The folder whose regular files are shared.
@@ -152,24 +159,39 @@ class SharedFolder:
         @raise Unreadable: if it is shared but cannot be opened now.
         """
         if not self._proc_fds:
-            return self._open_resolved(path, self.resolve(path))
+            # Without /proc: resolve first, then refuse a symlink put in since.
+            real = self.resolve(path)
+            fd = self._open_fd(path, real, os.O_NOFOLLOW)
+            return self._checked(path, fd, real, self.disk_path(path))
         joined = self.disk_path(path)
         try:
             # Only regular files are opened: opening a device can have
             # effects of its own, and a FIFO would wait for a writer.
             if not stat.S_ISREG(os.stat(joined).st_mode):
                 raise NotShared(path)
-            fd = os.open(joined, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            if e.errno in _ABSENT:
-                raise NotShared(path) from None
-            raise Unreadable(path, e) from None
+            raise _open_error(path, e) from None
+        return self._checked(path, self._open_fd(path, joined, 0), None, joined)
+
+    @staticmethod
+    def _open_fd(path: str, name: str, extra_flags: int) -> int:
         try:
-            # Where the open really led, every symlink followed: checked on
-            # the open descriptor, so no swap after a check can fool it.
-            real = os.readlink(f"/proc/self/fd/{fd}")
-            if not self._inside(real):
-                raise NotShared(path)
+            return os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | extra_flags)
+        except OSError as e:
+            raise _open_error(path, e) from None
+
+    def _checked(self, path: str, fd: int, real: str | None, joined: str) -> OpenedFile:
+        """
+        The L{OpenedFile} for C{fd} if it is a regular file inside the
+        folder; otherwise C{fd} is closed and the reason raised.
+        """
+        try:
+            if real is None:
+                # Where the open really led, every symlink followed: checked
+                # on the open descriptor, so no swap after a check can fool it.
+                real = os.readlink(f"/proc/self/fd/{fd}")
+                if not self._inside(real):
+                    raise NotShared(path)
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotShared(path)
@@ -180,26 +202,6 @@ class SharedFolder:
             os.close(fd)
             raise Unreadable(path, e) from None
         return OpenedFile(path, real, fd, FileStat.of(st), joined)
-
-    def _open_resolved(self, path: str, real: str) -> OpenedFile:
-        # Without /proc: resolve first, then refuse a symlink put in since.
-        try:
-            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno in _ABSENT:
-                raise NotShared(path) from None
-            raise Unreadable(path, e) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise NotShared(path)
-        except NotShared:
-            os.close(fd)
-            raise
-        except OSError as e:
-            os.close(fd)
-            raise Unreadable(path, e) from None
-        return OpenedFile(path, real, fd, FileStat.of(st), self.disk_path(path))
 
     def is_current(self, opened: OpenedFile) -> bool:
         """

@@ -166,13 +166,9 @@ class FileCacheServer:
             if request.offset == 0 and entry.reply is not None:
                 return Reply(entry.reply, "OK", None, "hit", size)
             return self._from_memory(entry.data, request.offset, entry.digest, entry.version, "hit")
-        try:
-            opened = self.folder.open(path)
-        except NotShared:
-            self.cache.discard(path)
-            return error_reply(wire.NOT_FOUND, "no such file")
-        except Unreadable as e:
-            return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
+        opened = self._open(path)
+        if isinstance(opened, Reply):
+            return opened
         st = opened.stat
         if request.offset > st.size:
             opened.close()
@@ -204,6 +200,16 @@ class FileCacheServer:
             wire.format_get_status(length, st.version), "OK", body, "miss", length
         )
 
+    def _open(self, path: str) -> OpenedFile | Reply:
+        """The shared file C{path} opened, or the error reply that says why not."""
+        try:
+            return self.folder.open(path)
+        except NotShared:
+            self.cache.discard(path)
+            return error_reply(wire.NOT_FOUND, "no such file")
+        except Unreadable as e:
+            return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
+
     def _cached(self, path: str) -> tuple[CacheEntry, int] | None:
         """
         The cache entry for C{path} if the file on disk is still the one it
@@ -225,13 +231,9 @@ class FileCacheServer:
         return entry, st.st_size
 
     def _hash(self, path: str) -> Reply | Deferred[Reply]:
-        try:
-            opened = self.folder.open(path)
-        except NotShared:
-            self.cache.discard(path)
-            return error_reply(wire.NOT_FOUND, "no such file")
-        except Unreadable as e:
-            return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
+        opened = self._open(path)
+        if isinstance(opened, Reply):
+            return opened
         st = opened.stat
         entry = self.cache.peek(path)
         known = entry.digest if entry is not None and entry.version == st.version else None

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +198,25 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll C{condition} until it is true; return the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def stats(port: int, host: str = "127.0.0.1") -> dict[str, int]:
+    """A daemon's STATS, over a connection of its own."""
+    client = RawClient(port, host=host)
+    try:
+        _, rows = client.rows(b"STATS")
+    finally:
+        client.close()
+    return {k: int(v) for k, v in (row.decode().split() for row in rows)}
 
 
 def open_fds(pid: int) -> int:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, RawClient, open_fds, tool
+from conftest import Daemon, RawClient, open_fds, stats, tool, wait_for
 
 MiB = 1024 * 1024
 
@@ -32,11 +32,6 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def stats(port: int) -> dict[str, int]:
-    client = RawClient(port)
-    _, rows = client.rows(b"STATS")
-    client.close()
-    return {k: int(v) for k, v in (row.decode().split() for row in rows)}
 
 
 def settled_fds(daemon: Daemon) -> int:
@@ -51,11 +46,6 @@ def settled_fds(daemon: Daemon) -> int:
     return last
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def reset_close(sock: socket.socket) -> None:

@@ -724,3 +724,28 @@ def test_file_stat_version_follows_disk(root: Path) -> None:
     third = FileStat.of(os.stat(target))
     assert third.size == 4
     assert third.version not in (first.version, second.version)
+
+
+def test_open_without_proc_confines_the_same_way(tmp_path: Path) -> None:
+    """Where /proc is missing, open() resolves first and refuses the same paths as with it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok.txt").write_bytes(b"ok")
+    (root / "sub").mkdir()
+    (root / "sub" / "in.txt").write_bytes(b"in")
+    (tmp_path / "outside.txt").write_bytes(b"outside")
+    (root / "link-out").symlink_to(tmp_path / "outside.txt")
+    (root / "link-in").symlink_to(root / "sub" / "in.txt")
+    os.mkfifo(root / "fifo")
+    folder = SharedFolder(str(root))
+    folder._proc_fds = False
+    opened = folder.open("link-in")
+    try:
+        assert os.pread(opened.fd, 10, 0) == b"in"
+        assert opened.real == str(root / "sub" / "in.txt")
+        assert opened.source == str(root / "link-in")
+    finally:
+        opened.close()
+    for path in ("link-out", "fifo", "sub", "../outside.txt", "missing"):
+        with pytest.raises(NotShared):
+            folder.open(path)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, RawClient, run_client, tool
+from conftest import Daemon, run_client, stats, tool, wait_for
 
 MiB = 1024 * 1024
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
@@ -58,13 +58,6 @@ def free_port() -> int:
         return port
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll C{condition} until true; return the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def _rewrite_line(text: str, pattern: str, new: Callable[[re.Match[str]], str], what: str) -> str:
@@ -223,14 +216,6 @@ def haproxy_factory(tmp_path: Path) -> Iterator[Callable[[list[Daemon]], HAProxy
         proxy.stop()
 
 
-def stats(port: int) -> dict[str, int]:
-    """A daemon's STATS, asked directly (not through HAProxy)."""
-    client = RawClient(port)
-    try:
-        _, rows = client.rows(b"STATS")
-    finally:
-        client.close()
-    return {k: int(v) for k, v in (row.decode().split() for row in rows)}
 
 
 def write_random(path: Path, size: int) -> str:

@@ -14,23 +14,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import Daemon, RawClient, run_client, tool
+from conftest import Daemon, RawClient, run_client, stats, tool, wait_for
 
 MiB = 1024 * 1024
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
-def stats(port: int) -> dict[str, int]:
-    client = RawClient(port)
-    _, rows = client.rows(b"STATS")
-    client.close()
-    return {k: int(v) for k, v in (row.decode().split() for row in rows)}
 
 
 def start_download(port: int, name: str, out: Path, *extra: str) -> subprocess.Popen[str]:

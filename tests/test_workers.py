@@ -11,18 +11,13 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import RawClient
+from conftest import RawClient, wait_for
 
 
 def worker_pids(log: str) -> list[int]:
     return [int(pid) for pid in re.findall(r"started worker \d+ \(pid (\d+)\)", log)]
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:
@@ -35,21 +30,29 @@ def alive(pid: int) -> bool:
 
 
 def test_workers_share_the_port(shared: Path, daemon_factory) -> None:
-    """With --workers 2 both processes accept connections on the one port and serve the same files."""
+    """
+    With --workers 2 both processes accept on the one port: with the parent
+    stopped (SIGSTOP) the worker serves every connection, and with the worker
+    stopped the parent does.
+    """
     (shared / "a.txt").write_bytes(b"shared by all")
     daemon = daemon_factory(shared, "--workers", "2")
     wait_for(lambda: "worker 1: [-] FileCacheFactory starting on" in daemon.log_text(), 20, "the worker")
-    clients = [RawClient(daemon.port) for _ in range(60)]
-    for client in clients:
-        assert client.get(b"a.txt")[1] == b"shared by all"
+    worker = worker_pids(daemon.log_text())[0]
+    for stopped in (daemon.pid, worker):
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            for _ in range(10):
+                client = RawClient(daemon.port)
+                assert client.get(b"a.txt")[1] == b"shared by all"
+                client.close()
+        finally:
+            os.kill(stopped, signal.SIGCONT)
     time.sleep(0.5)
     log = daemon.log_text()
     by_worker = len(re.findall(r"worker 1: \[filecache\.protocol\.FileCacheProtocol#info\] .* GET a\.txt OK", log))
     by_parent = len(re.findall(r"\] 127\.0\.0\.1:\d+ GET a\.txt OK", log)) - by_worker
-    assert by_worker + by_parent == 60
-    assert by_worker > 0 and by_parent > 0, (by_worker, by_parent)
-    for client in clients:
-        client.close()
+    assert (by_worker, by_parent) == (10, 10)
 
 
 def test_dead_worker_is_replaced_and_sigterm_stops_all(shared: Path, daemon_factory) -> None:
