@@ -356,6 +356,22 @@ def build_loadgen() -> None:
 # --- servers -----------------------------------------------------------------
 
 
+def wait_workers(log: Path, offset: int, workers: str, timeout: float = 30) -> None:
+    """
+    With --workers, the parent listens before its workers are up: wait until
+    every process has logged that it listens, so a run measures them all.
+    """
+    count = (os.cpu_count() or 1) if workers == "auto" else int(workers)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            if f.read().count(b"FileCacheFactory starting on") >= count:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"the filecache workers did not all start within {timeout:g} s; see {log}")
+
+
 @dataclass
 class Server:
     name: str
@@ -376,8 +392,12 @@ class Server:
         argv = self.argv(self.port)
         with open(self.log, "a") as f:
             f.write(f"\n# {datetime.datetime.now().isoformat()} {' '.join(argv)}\n")
+            offset = f.tell()
         self.proc = procs.start(argv, self.log)
         wait_listening(self.proc, self.port, self.name, self.log)
+        if "--workers" in argv:
+            wait_workers(self.log, offset, argv[argv.index("--workers") + 1])
+
 
     def stop(self, procs: Processes) -> None:
         if self.proc is not None:
