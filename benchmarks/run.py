@@ -18,6 +18,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -568,6 +569,22 @@ class Run:
         return self
 
 
+TIMED = {1, 2, 3, 4, 7}
+
+
+def median_run(runs: list[Run]) -> Run:
+    """One Run from several rounds: each figure's median, every error kept."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = Run()
+    for key in runs[0].values:
+        merged.values[key] = statistics.median(r.values[key] for r in runs if key in r.values)
+    merged.errors = sum(r.errors for r in runs)
+    merged.error = next((r.error for r in runs if r.error), "")
+    merged.raw = {"rounds": [{"values": r.values, **r.raw} for r in runs]}
+    return merged
+
+
 def loadgen(
     procs: Processes, server: Server, *opts: str, label: str = "", limit: float = 300
 ) -> dict[str, Any]:
@@ -982,7 +999,7 @@ def machine_info(args: argparse.Namespace) -> list[tuple[str, str]]:
         ("filecache options", " ".join(daemon_options)),
         (
             "timed runs",
-            f"{args.duration:g} s each; loadgen threads: "
+            f"{args.duration:g} s each, {args.rounds} rounds (median shown); loadgen threads: "
             + (str(args.loadgen_threads) if args.loadgen_threads else "1, 2 for workload 4"),
         ),
     ]
@@ -1145,6 +1162,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="ARG",
         help="one more argument for the filecache daemon (repeat for several)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed workloads (1-4, 7) run this many times, servers alternating; "
+        "the table shows each figure's median (default 3)",
+    )
     p.add_argument("--fresh-data", action="store_true", help="rebuild the data set")
     p.add_argument("--write", action="store_true", help="also write benchmarks/results.md")
     args = p.parse_args(argv)
@@ -1198,7 +1222,14 @@ def main(argv: list[str]) -> int:
             if w.number not in args.only:
                 continue
             results[w.number] = {}
-            for s in servers.values():
+            rounds: dict[str, list[Run]] = {}
+            # Timed workloads alternate the servers for several rounds and
+            # keep each figure's median: a noisy moment then hits no server alone.
+            for s in [
+                s
+                for _ in range(args.rounds if w.number in TIMED else 1)
+                for s in servers.values()
+            ]:
                 if s.name not in w.servers:
                     continue
                 if not s.alive():
@@ -1220,7 +1251,8 @@ def main(argv: list[str]) -> int:
                         (run.error + "; " if run.error else "")
                         + f"{s.name} exited during the workload:\n{tail(s.log)}"
                     )
-                results[w.number][s.name] = run
+                rounds.setdefault(s.name, []).append(run)
+                results[w.number][s.name] = median_run(rounds[s.name])
                 shown = ", ".join(f"{k} {v:,.2f}" for k, v in run.values.items())
                 say(
                     f"    {shown or 'no figure'}"
