@@ -49,7 +49,7 @@ def test_idle_connection_is_closed_on_time(tmp_path: Path) -> None:
     """No request for idle_timeout seconds: a polite close, not before."""
     clock = Clock()
     factory = make_factory(tmp_path, clock, idle_timeout=120)
-    proto, transport = connect(factory)
+    _proto, transport = connect(factory)
     clock.advance(119)
     assert not transport.disconnecting
     clock.advance(1)
@@ -119,7 +119,7 @@ def test_no_timeout_when_zero(tmp_path: Path) -> None:
     """idle_timeout None (--idle-timeout 0) never closes anything."""
     clock = Clock()
     factory = make_factory(tmp_path, clock, idle_timeout=None)
-    proto, transport = connect(factory)
+    _proto, transport = connect(factory)
     clock.advance(10**6)
     assert not transport.disconnecting
     assert clock.getDelayedCalls() == []
@@ -139,7 +139,7 @@ def test_max_connections_and_per_address(tmp_path: Path) -> None:
     assert full.value() == b"ERR busy too many connections; try again later\r\n"
     assert factory.server.counters.connections_active == 3
     a1[0].connectionLost(None)
-    proto, fresh = connect(factory, "10.0.0.1", 4)
+    _proto, fresh = connect(factory, "10.0.0.1", 4)
     assert fresh.value() == b""
     assert not fresh.disconnecting
 
