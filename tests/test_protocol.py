@@ -1599,3 +1599,43 @@ def test_direct_sender_fails_when_the_peer_is_gone(
     assert results[0].check(transfer.TransferFailed)
     assert str(results[0].value).startswith("send failed: ")
     assert transport.unregistered == 1
+
+
+# Digests are computed once
+
+
+def test_digest_of_a_cached_file_is_not_computed_again(root: Path) -> None:
+    """
+    A cache hit ends with the digest stored in the entry: replace it with a
+    marker and the next END carries the marker, so nothing re-hashed the bytes.
+    """
+    from dataclasses import replace
+
+    data = os.urandom(200_000)
+    (root / "c.bin").write_bytes(data)
+    server, factory, _ = start(root)
+    proto, transport = connect(factory)
+    first = ask(proto, transport, b"GET c.bin\r\n")
+    assert first.endswith(b"END " + hashlib.sha256(data).hexdigest().encode() + b"\r\n")
+    entry = server.cache.peek("c.bin")
+    assert entry is not None
+    marker = "0" * 64
+    server.cache.insert("c.bin", replace(entry, digest=marker))
+    second = ask(proto, transport, b"GET c.bin\r\n")
+    assert second.endswith(b"END " + marker.encode() + b"\r\n")
+
+
+def test_digest_of_an_uncacheable_file_is_kept_by_version(root: Path) -> None:
+    """A file too big for the cache is hashed on its first full read, then the stored digest is used."""
+    data = os.urandom(300_000)
+    (root / "big.bin").write_bytes(data)
+    server, factory, _ = start(root, capacity=100_000)
+    proto, transport = connect(factory)
+    first = ask(proto, transport, b"GET big.bin\r\n")
+    version = first.split(b"\r\n", 1)[0].split()[2].decode()
+    assert server.digests.get(version) == hashlib.sha256(data).hexdigest()
+    marker = "1" * 64
+    server.digests.put(version, marker)
+    second = ask(proto, transport, b"GET big.bin\r\n")
+    assert second.endswith(b"END " + marker.encode() + b"\r\n")
+    assert len(server.cache) == 0
