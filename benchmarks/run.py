@@ -737,22 +737,23 @@ def w7_small_two_workers(ctx: Context, s: Server) -> Run:
         two.stop(ctx.procs)
 
 
-def w2_big_cached(ctx: Context, s: Server) -> Run:
-    loadgen(ctx.procs, s, "-n", "2", "-u", BIG, label="w2-warm")
-    r = loadgen(ctx.procs, s, "-c", "1", "-d", ctx.duration, "-u", BIG, label="w2")
+def one_connection_mbps(ctx: Context, s: Server, path: str, warm: int, label: str) -> Run:
+    """MB/s of one connection fetching C{path} over and over, after C{warm} fetches."""
+    loadgen(ctx.procs, s, "-n", str(warm), "-u", path, label=f"{label}-warm")
+    r = loadgen(ctx.procs, s, "-c", "1", "-d", ctx.duration, "-u", path, label=label)
     run = checked(r, Run())
     run.values = {"mbps": r["mb_per_s"]}
     return run
+
+
+def w2_big_cached(ctx: Context, s: Server) -> Run:
+    return one_connection_mbps(ctx, s, BIG, 2, "w2")
 
 
 def w3_huge(ctx: Context, s: Server) -> Run:
     # One transfer first, as for the others: a server may learn something
     # about a file on its first full read (filecache: the SHA-256).
-    loadgen(ctx.procs, s, "-n", "1", "-u", HUGE, label="w3-warm")
-    r = loadgen(ctx.procs, s, "-c", "1", "-d", ctx.duration, "-u", HUGE, label="w3")
-    run = checked(r, Run())
-    run.values = {"mbps": r["mb_per_s"]}
-    return run
+    return one_connection_mbps(ctx, s, HUGE, 1, "w3")
 
 
 def w4_many(ctx: Context, s: Server) -> Run:
