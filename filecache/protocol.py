@@ -274,7 +274,6 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         started: float,
     ) -> None:
         server = self.factory.server
-        server.counters.bytes_sent += result.sent
         digest = server.body_sent(body, result)
         if digest is None:
             # Changed on disk while being sent: cut the reply short rather
@@ -287,6 +286,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self._access(line, reply, started, "cut")
             self.transport.abortConnection()
             return
+        server.counters.bytes_sent += result.sent
         self.transport.registerProducer(self._gate, True)
         self.transport.write(wire.format_end(digest))
         self._access(line, reply, started)
