@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -36,7 +37,13 @@ from filecache.server import (
     Reply,
     error_reply,
 )
-from filecache.transfer import TransferResult, send_file, send_memory, write_now
+from filecache.transfer import (
+    TransferResult,
+    direct_socket,
+    send_file,
+    send_memory,
+    write_now,
+)
 
 
 def describe_peer(address: IAddress) -> str:
@@ -102,6 +109,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         self._replying = False
         self._backpressure = False
         self._lines = 0
+        self._socket: socket.socket | None = None
         self._gate = _SendBufferGate(self)
         self.peer = "-"
 
@@ -135,6 +143,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         factory = self.factory
+        self._socket = direct_socket(self.transport)
         self.peer = describe_peer(self.transport.getPeer())
         factory.connection_made(self)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -258,7 +267,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def _finish_simple(self, line: bytes, reply: Reply, started: float) -> None:
         if self.transport is None or not self.connected:
             return
-        write_now(self.transport, reply.data)
+        write_now(self.transport, reply.data, self._socket)
         self.factory.server.counters.bytes_sent += reply.size
         self._access(line, reply, started)
         if self._replying:

@@ -76,13 +76,13 @@ def _buffer_empty(transport: Any) -> bool:
     return empty
 
 
-def write_now(transport: Any, data: bytes) -> None:
+def write_now(transport: Any, data: bytes, sock: socket.socket | None) -> None:
     """
-    Write C{data} to C{transport}, straight to its socket when nothing is
-    queued before it: a reply that fits in the socket buffer then costs one
-    C{send} and no write-readiness round trip through the reactor.
+    Write C{data} to C{transport}, straight to its socket C{sock} (from
+    L{direct_socket}, or C{None}) when nothing is queued before it: a reply
+    that fits in the socket buffer then costs one C{send} and no
+    write-readiness round trip through the reactor.
     """
-    sock = direct_socket(transport)
     if sock is not None and _buffer_empty(transport):
         try:
             sent = sock.send(data)
