@@ -10,7 +10,6 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TypeVar
 
 from filecache.wire import PathError, split_path
@@ -34,6 +33,11 @@ class Unreadable(Exception):
         self.error = error
 
 
+def version_token(ino: int, size: int, mtime_ns: int) -> str:
+    """The version token of a file in this state (see L{FileStat.version})."""
+    return f"{ino:x}-{size:x}-{mtime_ns:x}"
+
+
 @dataclass(frozen=True)
 class FileStat:
     """What filecache needs from a file's C{stat}."""
@@ -46,10 +50,10 @@ class FileStat:
     def of(cls, st: os.stat_result) -> FileStat:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns)
 
-    @cached_property
+    @property
     def version(self) -> str:
         """The opaque token that changes whenever the content may have changed."""
-        return f"{self.ino:x}-{self.size:x}-{self.mtime_ns:x}"
+        return version_token(self.ino, self.size, self.mtime_ns)
 
     @property
     def mtime(self) -> int:

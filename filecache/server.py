@@ -18,7 +18,13 @@ from twisted.python.failure import Failure
 
 from filecache import wire
 from filecache.cache import CacheEntry, ICache
-from filecache.folder import FileStat, NotShared, OpenedFile, SharedFolder, Unreadable
+from filecache.folder import (
+    NotShared,
+    OpenedFile,
+    SharedFolder,
+    Unreadable,
+    version_token,
+)
 from filecache.transfer import TransferResult
 
 T = TypeVar("T")
@@ -224,7 +230,7 @@ class FileCacheServer:
             st = os.stat(entry.source)
         except OSError:
             return None
-        if not S_ISREG(st.st_mode) or FileStat.of(st).version != entry.version:
+        if not S_ISREG(st.st_mode) or version_token(st.st_ino, st.st_size, st.st_mtime_ns) != entry.version:
             return None
         if self.cache.lookup(path, entry.version) is None:  # counts the hit
             return None  # pragma: no cover - the entry was just seen
@@ -338,7 +344,7 @@ class FileCacheServer:
             size = st.st_size
             mtime_ns = st.st_mtime_ns
             mark = b"-"
-            if path in in_cache and in_cache[path] == FileStat(st.st_ino, size, mtime_ns).version:
+            if path in in_cache and in_cache[path] == version_token(st.st_ino, size, mtime_ns):
                 mark = b"C"
             return path, b"%d %d %s %s\r\n" % (size, mtime_ns // 1_000_000_000, mark, quote(path))
 
