@@ -423,3 +423,48 @@ def test_out_of_descriptors(shared: Path, tmp_path: Path) -> None:
         first.close()
     finally:
         daemon.stop()
+
+
+def test_burst_of_connects_waits_in_the_backlog(shared: Path, daemon_factory) -> None:
+    """
+    400 connects at once while the daemon is not accepting (SIGSTOP) all
+    complete their handshake in the kernel's backlog (1024, not Twisted's
+    50), and are all served once it runs again.
+    """
+    (shared / "a.txt").write_bytes(b"a")
+    daemon = daemon_factory(shared, "--max-per-ip", "1000", "--no-access-log")
+    os.kill(daemon.pid, signal.SIGSTOP)
+    sockets = []
+    try:
+        for _ in range(400):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", daemon.port))
+            sockets.append(s)
+        sel = selectors.DefaultSelector()
+        for s in sockets:
+            sel.register(s, selectors.EVENT_WRITE)
+        connected = set()
+        deadline = time.monotonic() + 2
+        while len(connected) < len(sockets) and time.monotonic() < deadline:
+            for key, _ in sel.select(0.1):
+                sock = key.fileobj
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:  # type: ignore[union-attr]
+                    connected.add(sock)
+                sel.unregister(sock)
+        sel.close()
+        assert len(connected) == 400, f"only {len(connected)} of 400 handshakes completed"
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    for s in sockets:
+        s.setblocking(True)
+        s.settimeout(10)
+        s.sendall(b"GET a.txt\r\n")
+    for s in sockets:
+        data = b""
+        while not data.endswith(b"\r\n") or b"END " not in data:
+            chunk = s.recv(4096)
+            assert chunk, "connection closed before the reply"
+            data += chunk
+        assert data.startswith(b"OK 1 ")
+        s.close()
