@@ -569,7 +569,7 @@ class Run:
         return self
 
 
-TIMED = {1, 2, 3, 4, 7}
+TIMED = {1, 2, 3, 4, 5, 6, 7}
 
 
 def median_run(runs: list[Run]) -> Run:
@@ -1167,7 +1167,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=3,
-        help="timed workloads (1-4, 7) run this many times, servers alternating; "
+        help="every workload runs this many times, servers alternating; "
         "the table shows each figure's median (default 3)",
     )
     p.add_argument("--fresh-data", action="store_true", help="rebuild the data set")
@@ -1224,8 +1224,8 @@ def main(argv: list[str]) -> int:
                 continue
             results[w.number] = {}
             rounds: dict[str, list[Run]] = {}
-            # Timed workloads alternate the servers for several rounds and
-            # keep each figure's median: a noisy moment then hits no server alone.
+            # Workloads alternate the servers for several rounds and keep each
+            # figure's median: a noisy moment then hits no server alone.
             for s in [
                 s
                 for _ in range(args.rounds if w.number in TIMED else 1)
