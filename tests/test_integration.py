@@ -490,3 +490,37 @@ def test_access_log_lines_and_switch(shared: Path, daemon_factory) -> None:
     time.sleep(0.3)
     assert "FileCacheProtocol" not in quiet.log_text()
     assert "filecache serving" in quiet.log_text()
+
+
+def test_daemon_never_writes_to_the_folder(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
+    """A busy session (lists, gets, hashes, misses, a cut transfer) leaves the shared folder exactly as it was."""
+    write(shared, "a.txt", b"a" * 10)
+    write(shared, "sub/b.bin", os.urandom(3 * 1024 * 1024))
+
+    def snapshot() -> list[tuple[str, int, int, int]]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(shared):
+            for name in sorted(dirnames + filenames):
+                st = os.lstat(os.path.join(dirpath, name))
+                found.append((os.path.join(dirpath, name), st.st_size, st.st_mtime_ns, st.st_mode))
+        found.append((str(shared), 0, os.lstat(shared).st_mtime_ns, os.lstat(shared).st_mode))
+        return sorted(found)
+
+    before = snapshot()
+    client = RawClient(daemon.port)
+    client.rows(b"LIST")
+    client.get(b"a.txt")
+    client.get(b"sub/b.bin")
+    client.get(b"sub/b.bin", 1000)
+    client.send(b"HASH sub/b.bin\r\n")
+    client.line()
+    client.get(b"nope")
+    client.close()
+    cut = socket.create_connection(("127.0.0.1", daemon.port))
+    cut.sendall(b"GET sub/b.bin\r\n")
+    cut.recv(1000)
+    cut.close()
+    result = run_client("127.0.0.1", str(daemon.port), "get", "a.txt", "sub/b.bin", "-o", str(tmp_path / "out"))
+    assert result.returncode == 0
+    time.sleep(0.3)
+    assert snapshot() == before
