@@ -380,6 +380,21 @@ static void reply_done(worker_t *w, conn_t *c)
     start_next(w, c);
 }
 
+/* The next whole line in c->buf, NUL-terminated in place without its \r\n:
+   its length in *n and the bytes it takes in *used.  0: no whole line yet. */
+static int next_line(conn_t *c, size_t *n, size_t *used)
+{
+    char *nl = memchr(c->buf, '\n', c->len);
+    if (!nl)
+        return 0;
+    *n = (size_t)(nl - c->buf);
+    *used = *n + 1;
+    if (*n && c->buf[*n - 1] == '\r')
+        (*n)--;
+    c->buf[*n] = 0;
+    return 1;
+}
+
 static void consume(conn_t *c, size_t n)
 {
     c->len -= n;
@@ -494,14 +509,9 @@ static int parse(worker_t *w, conn_t *c)
             return 0;
         case ST_HEAD:
             if (g_proto == PROTO_FC) {
-                char *nl = memchr(c->buf, '\n', c->len);
-                if (!nl)
+                size_t n, used;
+                if (!next_line(c, &n, &used))
                     goto need_more;
-                size_t n = (size_t)(nl - c->buf);
-                size_t used = n + 1;
-                if (n && c->buf[n - 1] == '\r')
-                    n--;
-                c->buf[n] = 0;
                 int r = parse_fc_status(w, c, c->buf, n);
                 consume(c, used);
                 if (r < 0)
@@ -540,14 +550,9 @@ static int parse(worker_t *w, conn_t *c)
             break;
         }
         case ST_TRAIL: {
-            char *nl = memchr(c->buf, '\n', c->len);
-            if (!nl)
+            size_t n, used;
+            if (!next_line(c, &n, &used))
                 goto need_more;
-            size_t n = (size_t)(nl - c->buf);
-            size_t used = n + 1;
-            if (n && c->buf[n - 1] == '\r')
-                n--;
-            c->buf[n] = 0;
             if (n < 4 || memcmp(c->buf, "END ", 4) != 0 || !is_hex64(c->buf + 4, n - 4)) {
                 note_error(w, "expected END <sha256> right after the announced body, got: %.80s",
                            c->buf);
