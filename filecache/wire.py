@@ -30,6 +30,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _VERSION = re.compile(rb"[0-9a-f]+(?:-[0-9a-f]+)*\Z")
 _DIGEST = re.compile(rb"[0-9a-f]{64}\Z")
 _INTEGER = re.compile(rb"-?[0-9]+\Z")
+_TOKEN = re.compile(rb"[\x21-\x7e]+\Z")
 
 
 class WireError(Exception):
@@ -256,29 +257,70 @@ class ListRow:
     path: str
 
 
+MAX_LIST_ROWS = 1_000_000
+"""The most rows a LIST reply holds: the daemon ends a listing that would
+hold more with an error line, and the client refuses more."""
+
+LIST_STATUS = b"OK\r\n"
+"""The status line of a LIST reply: rows follow, then C{END <n>}."""
+
+
+def format_list_row(path: bytes, size: int, mtime: int, cached: bool) -> bytes:
+    """One C{<size> <mtime> <C|-> <quoted path>} row from the path's UTF-8 bytes."""
+    return b"%d %d %s %s\r\n" % (size, mtime, b"C" if cached else b"-", quote_bytes(path))
+
+
+def format_list_end(count: int) -> bytes:
+    """C{END <n>}: the line that closes a complete LIST reply of C{n} rows."""
+    return b"END %d\r\n" % (count,)
+
+
 def format_list(rows: Iterable[ListRow]) -> bytes:
-    """A whole C{LIST} reply: C{OK <n>} and one line per file."""
-    return format_list_encoded(
-        (row.path.encode("utf-8"), row.size, row.mtime, row.cached) for row in rows
-    )
-
-
-def format_list_encoded(rows: Iterable[tuple[bytes, int, int, bool]]) -> bytes:
-    """
-    L{format_list} from (UTF-8 path, size, mtime in seconds, cached) rows,
-    for listings of many files.
-    """
+    """A whole C{LIST} reply: C{OK}, one line per file, C{END <n>}."""
     lines = [
-        b"%d %d %s %s\r\n" % (size, mtime, b"C" if cached else b"-", quote_bytes(path))
-        for path, size, mtime, cached in rows
+        format_list_row(row.path.encode("utf-8"), row.size, row.mtime, row.cached)
+        for row in rows
     ]
+    return LIST_STATUS + b"".join(lines) + format_list_end(len(lines))
+
+
+StatValue = int | str
+
+
+def format_stats(stats: Iterable[tuple[str, StatValue]]) -> bytes:
+    """
+    A whole C{STATS} reply: C{OK <n>} and one C{<key> <value>} per line.
+    Values are integers, or text without spaces or control characters.
+    """
+    lines = [b"%s %s\r\n" % (key.encode("ascii"), str(value).encode("ascii")) for key, value in stats]
     return b"OK %d\r\n" % (len(lines),) + b"".join(lines)
 
 
-def format_stats(stats: Iterable[tuple[str, int]]) -> bytes:
-    """A whole C{STATS} reply: C{OK <n>} and one C{<key> <value>} per line."""
-    lines = [b"%s %d\r\n" % (key.encode("ascii"), value) for key, value in stats]
-    return b"OK %d\r\n" % (len(lines),) + b"".join(lines)
+def printable(text: str) -> str:
+    """
+    C{text} safe to show on a terminal or in a log: every control or other
+    non-printable character becomes a backslash escape, and a backslash is
+    doubled, so what a peer sends can never move a cursor or fake a line.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+                code -= 0xDC00
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def printable_bytes(raw: bytes) -> str:
+    """L{printable} of bytes from a peer, invalid UTF-8 shown as C{\\xNN}."""
+    return printable(raw.decode("utf-8", "surrogateescape"))
 
 
 # Client side: parsing what the server sends
@@ -372,11 +414,32 @@ def parse_list_row(line: bytes) -> ListRow:
     )
 
 
-def parse_stats_row(line: bytes) -> tuple[str, int]:
-    """One C{<key> <value>} line of a STATS reply."""
+def parse_stats_row(line: bytes) -> tuple[str, StatValue]:
+    """
+    One C{<key> <value>} line of a STATS reply: an integer value, or a text
+    one (such as C{version}).
+    """
     if line.endswith(b"\r"):
         line = line[:-1]
     key, _, value = line.partition(b" ")
-    if not key or not _INTEGER.match(value):
+    if not key or not value or not _TOKEN.match(value):
         raise WireError(BAD_REQUEST, "malformed STATS row")
-    return key.decode("ascii", "replace"), int(value)
+    if _INTEGER.match(value):
+        return key.decode("ascii", "replace"), int(value)
+    return key.decode("ascii", "replace"), value.decode("ascii")
+
+
+def parse_list_end(line: bytes) -> int | None:
+    """
+    The C{<n>} of the C{END <n>} line that closes a LIST reply, or C{None}
+    if C{line} is not an C{END} line (a row, or an error line).
+
+    @raise WireError: on a malformed C{END} line.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if not line.startswith(b"END"):
+        return None
+    if not line.startswith(b"END ") or not line[4:].isdigit():
+        raise WireError(BAD_REQUEST, "malformed END line of a LIST reply")
+    return int(line[4:])
