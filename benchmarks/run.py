@@ -401,7 +401,6 @@ class Server:
         if "--workers" in argv:
             wait_workers(self.log, offset, argv[argv.index("--workers") + 1])
 
-
     def stop(self, procs: Processes) -> None:
         if self.proc is not None:
             procs.stop(self.proc)
@@ -449,6 +448,27 @@ def filecache_argv(port: int, folder: Path, args: argparse.Namespace) -> list[st
     return argv + list(args.daemon_arg)
 
 
+def twistd_web_argv(port: int, folder: Path, access_log: Path) -> list[str]:
+    """
+    twistd web serving C{folder}.  Its access log (web's --logfile) rotates at
+    1 MB by renaming the file and creating a new one in its place, so it must
+    be a regular file of ours: given /dev/null, a run as root renamed the
+    device away and left a regular file in its place (issue 8, item 23).
+    """
+    return [
+        twistd(),
+        "-n",
+        "--pidfile=",
+        "web",
+        "--path",
+        str(folder),
+        "--listen",
+        f"tcp:{port}:interface={LOOPBACK}:backlog=1024",
+        "--logfile",
+        str(access_log),
+    ]
+
+
 def find_nginx() -> str | None:
     return shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
@@ -489,7 +509,10 @@ http {{
 """
 
 
-def make_servers(ds: DataSet, args: argparse.Namespace, logs: Path) -> dict[str, Server]:
+def make_servers(
+    ds: DataSet, args: argparse.Namespace, logs: Path, work: Path
+) -> dict[str, Server]:
+    """The servers to measure; every file they write is under C{work} or C{logs}."""
     servers: dict[str, Server] = {}
     wanted = args.servers
 
@@ -506,7 +529,7 @@ def make_servers(ds: DataSet, args: argparse.Namespace, logs: Path) -> dict[str,
         if nginx is None:
             say("nginx not installed: apt-get install -y nginx")
         else:
-            prefix = WORK / "nginx"
+            prefix = work / "nginx"
             if prefix.exists():
                 shutil.rmtree(prefix)
             prefix.mkdir(parents=True)
@@ -536,18 +559,7 @@ def make_servers(ds: DataSet, args: argparse.Namespace, logs: Path) -> dict[str,
         servers[TWISTD_WEB] = Server(
             TWISTD_WEB,
             "http",
-            lambda port: [
-                twistd(),
-                "-n",
-                "--pidfile=",
-                "web",
-                "--path",
-                str(ds.root),
-                "--listen",
-                f"tcp:{port}:interface={LOOPBACK}:backlog=1024",
-                "--logfile",
-                os.devnull,  # the access log
-            ],
+            lambda port: twistd_web_argv(port, ds.root, logs / "twistd-web-access.log"),
             logs / "twistd-web.log",
         )
     return servers
@@ -830,21 +842,11 @@ def w6_list(ctx: Context, s: Server) -> Run:
     # filecache and twistd web: a separate server on the listing folder,
     # started for this workload only, so that its lifetime peak (VmHWM) is
     # the peak of the listing: a short LIST may fall between two samples.
-    if s.name == FILECACHE:
-        argv = lambda port: filecache_argv(port, ctx.ds.listdir, ctx.args)
-    else:
-        argv = lambda port: [
-            twistd(),
-            "-n",
-            "--pidfile=",
-            "web",
-            "--path",
-            str(ctx.ds.listdir),
-            "--listen",
-            f"tcp:{port}:interface={LOOPBACK}",
-            "--logfile",
-            os.devnull,
-        ]
+    def argv(port: int) -> list[str]:
+        if s.name == FILECACHE:
+            return filecache_argv(port, ctx.ds.listdir, ctx.args)
+        return twistd_web_argv(port, ctx.ds.listdir, ctx.logs / f"{s.name}-list-access.log")
+
     lister = Server(s.name + "-list", s.proto, argv, ctx.logs / f"{s.name}-list.log")
     lister.start(ctx.procs)
     try:
@@ -1213,7 +1215,7 @@ def main(argv: list[str]) -> int:
         if logs.exists():
             shutil.rmtree(logs)  # this run's logs only
         logs.mkdir(parents=True)
-        servers = make_servers(ds, args, logs)
+        servers = make_servers(ds, args, logs, WORK)
         if not servers:
             raise BenchError("no server to measure")
         for s in servers.values():

@@ -1,0 +1,179 @@
+"""
+The benchmark harness (benchmarks/run.py) leaves the machine as it found it:
+the servers it starts write only under its work folder, never to a device.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+HARNESS_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+# twistd's LogFile (which twisted.web's access log uses) rotates at this size.
+ROTATE_LENGTH = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def harness() -> ModuleType:
+    """benchmarks/run.py, imported as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("filecache_benchmark_run", HARNESS_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _device_paths(argv: list[str]) -> list[str]:
+    """The arguments (or C{--opt=VALUE} values) that name something under /dev."""
+    found = []
+    for arg in argv:
+        for candidate in {arg, arg.partition("=")[2]}:
+            if candidate.startswith("/") and (
+                os.path.realpath(candidate).startswith("/dev/") or candidate == os.devnull
+            ):
+                found.append(arg)
+    return found
+
+
+def _is_char_device(path: str) -> bool:
+    return stat.S_ISCHR(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A work folder laid out like benchmarks/work: a data set and a logs folder."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "hello.txt").write_bytes(b"hello\n")
+    (tmp_path / "listdir").mkdir()
+    (tmp_path / "logs").mkdir()
+    return tmp_path
+
+
+def _servers(harness: ModuleType, work: Path, filecache_help: str) -> dict[str, Any]:
+    """The servers as the benchmark's main() makes them, in a work folder of our own."""
+    ds = harness.DataSet(
+        work / "data", work / "listdir", work / "lists" / "small.txt", work / "lists" / "cold.txt"
+    )
+    args = harness.parse_args([])
+    args.filecache_help = filecache_help
+    servers: dict[str, Any] = harness.make_servers(ds, args, work / "logs", work)
+    return servers
+
+
+def _access_log(argv: list[str]) -> Path | None:
+    """twistd web's access log: the value of the --logfile given after "web"."""
+    if "web" not in argv:
+        return None
+    rest = argv[argv.index("web") :]
+    return Path(rest[rest.index("--logfile") + 1]) if "--logfile" in rest else None
+
+
+def test_no_server_is_given_a_device_path(harness: ModuleType, work: Path) -> None:
+    """
+    No command line the benchmark builds for a server (filecache, nginx,
+    twistd web, and twistd web on the listing folder) names a device: twistd
+    rotates a log file by renaming it, and /dev/null was renamed away that way.
+    """
+    servers = _servers(harness, work, filecache_help="")
+    argvs = {name: server.argv(5000) for name, server in servers.items()}
+    argvs["twistd-web-list"] = harness.twistd_web_argv(5000, work / "listdir", work / "logs" / "x.log")
+    assert {name: _device_paths(argv) for name, argv in argvs.items()} == {
+        name: [] for name in argvs
+    }
+    for name, argv in argvs.items():
+        log = _access_log(argv)
+        if log is not None:
+            assert log.is_relative_to(work), (name, argv)
+
+
+def _refuse_devices(argv_of: Callable[[int], list[str]]) -> Callable[[int], list[str]]:
+    """
+    The same command line, checked before anything starts with it: a server
+    given a device to log to is never started here, as root it would break
+    this machine's /dev/null.  On the old harness this test fails here.
+    """
+
+    def checked(port: int) -> list[str]:
+        argv = argv_of(port)
+        devices = _device_paths(argv)
+        if devices:
+            pytest.fail(f"refusing to start {argv[:4]}...: it would write to {devices}")
+        return argv
+
+    return checked
+
+
+def _log_past_rotation(port: int, access_log: Path, deadline: float) -> None:
+    """
+    Requests with long paths (404s, logged like any other) until twistd web's
+    access log has rotated at least once.
+    """
+    # One access line is about 12 KB: some 90 requests pass 1 MB.
+    path = "/" + "x" * 12_000
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        sent = 0
+        while not Path(f"{access_log}.1").exists():
+            assert time.monotonic() < deadline, f"{access_log} did not rotate after {sent} requests"
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            sent += 1
+    finally:
+        conn.close()
+    assert sent * len(path) > ROTATE_LENGTH
+
+
+@pytest.fixture
+def processes(harness: ModuleType) -> Iterator[Any]:
+    """The harness's own process registry; whatever it started is stopped after the test."""
+    procs = harness.Processes()
+    yield procs
+    procs.stop_all()
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("name", ["filecache", "nginx", "twistd-web"])
+def test_server_leaves_dev_null_a_character_device(
+    harness: ModuleType, work: Path, processes: Any, name: str
+) -> None:
+    """
+    Each of the benchmark's servers, started as the benchmark starts it
+    (twistd web made to log past its rotation size), leaves /dev/null a
+    character device and adds nothing beside it; twistd web's rotated access
+    log is in the work folder.  Run as root with the old `--logfile
+    /dev/null`, the rotation renamed the device to /dev/null.1 and created a
+    regular file in its place.
+    """
+    if not _is_char_device(os.devnull):
+        pytest.skip(f"{os.devnull} is already not a character device: nothing to check")
+    before = sorted(Path(os.devnull).parent.glob("null*"))
+    deadline = time.monotonic() + 30
+    help_text = harness.filecache_options() if name == harness.FILECACHE else ""
+    servers = _servers(harness, work, filecache_help=help_text)
+    if name not in servers:
+        assert name == harness.NGINX
+        pytest.skip("nginx is not installed (apt-get install -y nginx): its part is not checked")
+    server = servers[name]
+    server.argv = _refuse_devices(server.argv)
+    server.start(processes)
+    access_log = _access_log(server.argv(server.port)) if name == harness.TWISTD_WEB else None
+    if access_log is not None:
+        assert access_log.is_relative_to(work)
+        _log_past_rotation(server.port, access_log, deadline)
+    assert server.alive(), harness.tail(server.log)
+    server.stop(processes)
+    assert _is_char_device(os.devnull), f"{os.devnull} is no longer a character device"
+    assert sorted(Path(os.devnull).parent.glob("null*")) == before
