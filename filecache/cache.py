@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from zope.interface import Attribute, Interface, implementer
 
+ENTRY_OVERHEAD = 1024
+"""Bytes charged to the budget for each entry on top of its content: the
+entry, its key, its version and digest and the index slot it takes
+(measured at about 600 to 800 bytes on CPython 3.11, see docs/security.md)."""
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -23,23 +28,23 @@ class CacheEntry:
     @ivar mtime: the file's modification time in whole seconds.
     @ivar source: the path on disk it was read from, before symlinks were
         resolved (a C{stat} of it tells whether the entry is still current).
-    @ivar reply: the whole reply to a GET of it from offset 0, for a file
-        small enough to answer in one write.
     """
 
-    data: bytes
+    data: bytes | bytearray
     version: str
     digest: str
     mtime: int
     source: str = ""
-    reply: bytes | None = None
 
 
 class ICache(Interface):
     """A store of whole files under a byte budget."""
 
-    capacity = Attribute("The budget in bytes; the stored bytes never exceed it.")
-    size = Attribute("The bytes stored now.")
+    capacity = Attribute(
+        "The budget in bytes; the entries' costs plus the reserved bytes never exceed it."
+    )
+    size = Attribute("The content bytes stored now.")
+    used = Attribute("The budget taken now: every entry's cost, plus reservations.")
     hits = Attribute("Lookups that found a current entry.")
     misses = Attribute("Lookups that did not.")
     evictions = Attribute("Entries dropped to make room or because they went stale.")
@@ -55,6 +60,17 @@ class ICache(Interface):
 
     def admits(size: int) -> bool:
         """Whether a file of C{size} bytes may be cached at all."""
+
+    def reserve(size: int) -> bool:
+        """
+        Set aside room for an entry of C{size} content bytes about to be
+        read, evicting the oldest entries now, before the bytes are in
+        memory.  C{False} (nothing reserved) if it cannot fit beside the
+        other reservations.
+        """
+
+    def release(size: int) -> None:
+        """Give back a reservation made by L{reserve}."""
 
     def insert(path: str, entry: CacheEntry) -> bool:
         """
@@ -79,11 +95,14 @@ class FifoCache:
     and a changed file is re-inserted as the newest.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, entry_overhead: int = ENTRY_OVERHEAD) -> None:
         if capacity < 0:
             raise ValueError("capacity must not be negative")
         self.capacity = capacity
+        self.entry_overhead = entry_overhead
         self.size = 0
+        self.used = 0
+        self.reserved = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -103,19 +122,36 @@ class FifoCache:
         return self._entries.get(path)
 
     def admits(self, size: int) -> bool:
-        return size <= self.capacity
+        return size + self.entry_overhead <= self.capacity
+
+    def reserve(self, size: int) -> bool:
+        needed = size + self.entry_overhead
+        if self.reserved + needed > self.capacity:
+            return False
+        self._make_room(needed)
+        self.reserved += needed
+        self.used += needed
+        return True
+
+    def release(self, size: int) -> None:
+        needed = size + self.entry_overhead
+        self.reserved -= needed
+        self.used -= needed
+
+    def _make_room(self, needed: int) -> None:
+        while self.used + needed > self.capacity and self._entries:
+            self._drop(next(iter(self._entries)))
 
     def insert(self, path: str, entry: CacheEntry) -> bool:
         if path in self._entries:
             self._drop(path)
-        needed = len(entry.data)
-        if not self.admits(needed):
+        needed = len(entry.data) + self.entry_overhead
+        if needed + self.reserved > self.capacity:
             return False
-        while self.size + needed > self.capacity:
-            oldest = next(iter(self._entries))
-            self._drop(oldest)
+        self._make_room(needed)
         self._entries[path] = entry
-        self.size += needed
+        self.size += len(entry.data)
+        self.used += needed
         return True
 
     def discard(self, path: str) -> None:
@@ -125,6 +161,7 @@ class FifoCache:
     def _drop(self, path: str) -> None:
         entry = self._entries.pop(path)
         self.size -= len(entry.data)
+        self.used -= len(entry.data) + self.entry_overhead
         self.evictions += 1
 
     def __iter__(self) -> Iterator[tuple[str, CacheEntry]]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,6 +23,23 @@ _ABSENT = frozenset(
 )
 
 
+SETTLE_NS = 1_000_000_000
+"""A file whose change time is this recent may have a write under way."""
+
+_READ_TRIES = 3
+
+MAX_WALK_ENTRIES = 1_000_000
+"""The most directory entries one walk looks at before it gives up."""
+
+MAX_WALK_DEPTH = 64
+"""The deepest folder level one walk goes into before it gives up."""
+
+WALK_STEP = 1024
+"""Directory entries one L{FolderWalk.next_rows} call looks at, at most."""
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_PATH = getattr(os, "O_PATH", 0)
+
 class NotShared(Exception):
     """The path names nothing that is shared: absent, hidden, outside, or not a regular file."""
 
@@ -33,9 +52,15 @@ class Unreadable(Exception):
         self.error = error
 
 
-def version_token(ino: int, size: int, mtime_ns: int) -> str:
-    """The version token of a file in this state (see L{FileStat.version})."""
-    return f"{ino:x}-{size:x}-{mtime_ns:x}"
+def version_token(st: os.stat_result) -> str:
+    """
+    The version token of a file in the state C{st}: inode, size, and the
+    modification and change times in nanoseconds.  The change time moves on
+    every write and every C{utime}, and no program can set it, so a file
+    rewritten with its modification time put back (C{cp -p}, C{rsync -t},
+    C{touch -r}) still gets a new token.
+    """
+    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ctime_ns:x}"
 
 
 @dataclass(frozen=True)
@@ -45,15 +70,16 @@ class FileStat:
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileStat:
-        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     @property
     def version(self) -> str:
         """The opaque token that changes whenever the content may have changed."""
-        return version_token(self.ino, self.size, self.mtime_ns)
+        return f"{self.ino:x}-{self.size:x}-{self.mtime_ns:x}-{self.ctime_ns:x}"
 
     @property
     def mtime(self) -> int:
@@ -91,13 +117,6 @@ _HIDDEN = os.sep + "."
 
 def _has_hidden_part(relative: str) -> bool:
     return relative.startswith(".") or _HIDDEN in relative
-
-
-Row = TypeVar("Row", bound=tuple)  # type: ignore[type-arg]
-
-
-def _compact(encoded: bytes, st: os.stat_result) -> tuple[bytes, int, int, int]:
-    return (encoded, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _open_error(path: str, error: OSError) -> Exception:
@@ -219,67 +238,225 @@ class SharedFolder:
             return False
         return now == opened.stat == named
 
+    def read_whole(self, opened: OpenedFile) -> bytes:
+        """
+        The whole content of a small file, as one version of it.
+
+        The file is read, then its state is checked again: a write that began
+        after it was opened changes its change time.  A write already under
+        way when it was opened changes nothing visible afterwards, so a file
+        changed within the last L{SETTLE_NS} is read twice and both reads
+        must agree.
+
+        @raise Unreadable: on a read error, or if the file keeps changing.
+        """
+        size = opened.stat.size
+        before = opened.stat
+        for _ in range(_READ_TRIES):
+            try:
+                data = os.pread(opened.fd, size + 1, 0)
+                after = FileStat.of(os.fstat(opened.fd))
+                if after == before and len(data) == size:
+                    if time.time_ns() - after.ctime_ns > SETTLE_NS:
+                        return data
+                    again = os.pread(opened.fd, size + 1, 0)
+                    if again == data and FileStat.of(os.fstat(opened.fd)) == before:
+                        return data
+            except OSError as e:
+                raise Unreadable(opened.path, e) from None
+            if after != before:
+                break  # a new version: the caller opens it afresh
+        raise Unreadable(opened.path, OSError(0, "file changed while being read; try again"))
+
+    def walk(self, *, max_entries: int = MAX_WALK_ENTRIES, max_depth: int = MAX_WALK_DEPTH) -> FolderWalk:
+        """A walk of every shared regular file; the caller must L{FolderWalk.close} it."""
+        return FolderWalk(self, max_entries, max_depth)
+
     def list_files(self) -> list[tuple[str, FileStat]]:
         """
         Every shared regular file, recursively, as (wire path, state), sorted
-        by the path's UTF-8 bytes.  Names that are not UTF-8 cannot be put on
-        the wire and are left out.
+        by the path's UTF-8 bytes: a whole walk, for callers that want it all.
         """
-        return [
-            (encoded.decode("utf-8"), FileStat(ino, size, mtime_ns))
-            for encoded, size, mtime_ns, ino in self.scan(_compact)
-        ]
+        found: list[tuple[bytes, FileStat]] = []
+        walk = self.walk()
+        try:
+            while True:
+                rows = walk.next_rows(lambda path, st: (path, FileStat.of(st)))
+                if rows is None:
+                    break
+                found.extend(rows)
+        finally:
+            walk.close()
+        found.sort(key=lambda row: row[0])
+        return [(path.decode("utf-8"), st) for path, st in found]
 
-    def scan(self, row: Callable[[bytes, os.stat_result], Row] = _compact) -> list[Row]:  # type: ignore[assignment]
+
+R = TypeVar("R")
+
+
+class WalkTooLarge(Exception):
+    """The folder has more entries or deeper folders than one walk may look at."""
+
+
+class _Level:
+    """One folder being read: its descriptor, its entries, its wire prefix."""
+
+    __slots__ = ("entries", "fd", "prefix")
+
+    def __init__(self, fd: int, prefix: bytes) -> None:
+        self.fd = fd
+        self.prefix = prefix
+        self.entries = os.scandir(fd)
+
+    def close(self) -> None:
+        self.entries.close()
+        os.close(self.fd)
+
+
+class FolderWalk:
+    """
+    A walk of the shared folder, a bounded step at a time, by descriptors.
+
+    Every folder is opened relative to its parent's descriptor with
+    C{O_NOFOLLOW}, so a folder swapped for a symlink while the walk runs is
+    refused rather than followed out of the tree.  Symlinks to folders are
+    not followed at all (each real folder is listed once, at its real
+    place); symlinks to regular files are listed when their target is in
+    the folder.  Memory is one descriptor and one directory buffer per level
+    being read, whatever the size of the folder.
+
+    One thread at a time calls L{next_rows}; L{close} may be called from
+    another thread meanwhile: the descriptors are then closed as soon as
+    the step under way returns, by whichever thread is last.
+    """
+
+    def __init__(self, folder: SharedFolder, max_entries: int, max_depth: int) -> None:
+        self._lock = threading.Lock()
+        self._closing = False
+        self._folder = folder
+        self._max_entries = max_entries
+        self._max_depth = max_depth
+        self._seen = 0
+        self._stack: list[_Level] = []
+        self._visited: set[tuple[int, int]] = set()
+        self._started = False
+
+    def next_rows(self, row: Callable[[bytes, os.stat_result], R], step: int = WALK_STEP) -> list[R] | None:
         """
-        L{list_files} for folders of many files: C{row(utf8_path, stat)}
-        for every shared regular file, sorted by the path, which C{row} puts
-        first in the tuple it returns.  By default (UTF-8 path, size, mtime
-        in ns, inode).
+        C{row(utf8_path, stat)} for the next shared files, looking at no more
+        than C{step} directory entries; C{None} once the walk is over.  The
+        order is the walk's: no sorting.
+
+        @raise WalkTooLarge: past the walk's bounds.
+        @raise OSError: if the shared folder itself cannot be read, or
+            descriptors run out.
         """
-        found: list[Row] = []
-        # Each folder to walk carries the keys of the folders above it, so a
-        # symlink back up is not followed, while two paths to one folder
-        # are both listed (both can be fetched).
-        root_key = _dir_key(os.stat(self.root))
-        pending: list[tuple[str, bytes, frozenset[tuple[int, int]]]] = [
-            (self.root, b"", frozenset({root_key}))
-        ]
-        is_reg = stat.S_ISREG
-        is_dir = stat.S_ISDIR
-        while pending:
-            directory, prefix, above = pending.pop()
+        with self._lock:
+            rows = self._step(row, step)
+        if self._closing:
+            self.close()
+        return rows
+
+    def _step(self, row: Callable[[bytes, os.stat_result], R], step: int) -> list[R] | None:
+        if self._closing:
+            return None
+        if not self._started:
+            self._started = True
+            fd = os.open(self._folder.root, _DIR_FLAGS)
+            self._push(fd, b"")
+        found: list[R] = []
+        budget = step
+        stack = self._stack
+        while stack and budget > 0:
+            level = stack[-1]
+            for entry in level.entries:
+                budget -= 1
+                self._seen += 1
+                if self._seen > self._max_entries:
+                    raise WalkTooLarge(f"more than {self._max_entries} entries")
+                self._visit(level, entry, row, found)
+                if budget <= 0 or stack[-1] is not level:
+                    break
+            else:
+                stack.pop().close()
+        return found if (found or stack) else None
+
+    def _visit(
+        self, level: _Level, entry: os.DirEntry[str], row: Callable[[bytes, os.stat_result], R], found: list[R]
+    ) -> None:
+        name = entry.name
+        if name[0] == "." or "\\" in name:
+            return
+        try:
+            encoded = level.prefix + name.encode("utf-8")
+        except UnicodeEncodeError:
+            return
+        try:
+            if entry.is_symlink():
+                st = self._link_target(level.fd, name)
+                if st is not None:
+                    found.append(row(encoded, st))
+                return
+            if entry.is_dir(follow_symlinks=False):
+                self._descend(level.fd, name, encoded)
+                return
+            st = entry.stat(follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise
+            return
+        if stat.S_ISREG(st.st_mode):
+            found.append(row(encoded, st))
+
+    def _descend(self, parent: int, name: str, encoded: bytes) -> None:
+        if len(self._stack) >= self._max_depth:
+            raise WalkTooLarge(f"folders nested deeper than {self._max_depth} levels")
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        try:
+            key = _dir_key(os.fstat(fd))
+        except OSError:
+            os.close(fd)
+            raise
+        if key in self._visited:
+            # The same folder again (a bind mount of an ancestor, say).
+            os.close(fd)
+            return
+        self._push(fd, encoded + b"/")
+
+    def _push(self, fd: int, prefix: bytes) -> None:
+        try:
+            self._visited.add(_dir_key(os.fstat(fd)))
+            self._stack.append(_Level(fd, prefix))
+        except OSError:
+            os.close(fd)
+            raise
+
+    def _link_target(self, parent: int, name: str) -> os.stat_result | None:
+        """The state of a symlink's target if it is a shared regular file."""
+        folder = self._folder
+        if not (_O_PATH and folder._proc_fds):
+            # Without O_PATH and /proc: resolve by name (racy, not Linux).
+            return None
+        fd = os.open(name, _O_PATH | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            if not folder._inside(real):
+                return None
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return st if stat.S_ISREG(st.st_mode) else None
+
+    def close(self) -> None:
+        """Close every descriptor the walk holds; it ends here."""
+        self._closing = True
+        if self._lock.acquire(blocking=False):
             try:
-                entries = os.scandir(directory)
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) or not prefix:
-                    raise
-                continue
-            with entries:
-                for entry in entries:
-                    name = entry.name
-                    if name[0] == "." or "\\" in name:
-                        continue
-                    try:
-                        encoded = prefix + name.encode("utf-8")
-                    except UnicodeEncodeError:
-                        continue
-                    try:
-                        if entry.is_symlink() and not self._inside(os.path.realpath(entry.path)):
-                            continue
-                        st = entry.stat()
-                    except OSError:
-                        continue
-                    mode = st.st_mode
-                    if is_reg(mode):
-                        found.append(row(encoded, st))
-                    elif is_dir(mode):
-                        key = (st.st_dev, st.st_ino)
-                        if key not in above:
-                            pending.append((entry.path, encoded + b"/", above | {key}))
-        # Paths are unique, so tuples sort by their first element alone.
-        found.sort()
-        return found
+                while self._stack:
+                    self._stack.pop().close()
+                self._started = True
+            finally:
+                self._lock.release()
 
 
 def _dir_key(st: os.stat_result) -> tuple[int, int]:

@@ -5,14 +5,17 @@ into calls on L{FileCacheServer} and streams its replies back, one at a time.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import socket
+import struct
+import termios
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -30,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filecache import wire
+from filecache.listing import ListBody, ListResult
 from filecache.server import (
     DiskBody,
     FileCacheServer,
@@ -38,6 +42,7 @@ from filecache.server import (
     error_reply,
 )
 from filecache.transfer import (
+    TransferFailed,
     TransferResult,
     direct_socket,
     send_file,
@@ -56,6 +61,23 @@ def describe_peer(address: IAddress) -> str:
     if isinstance(name, bytes):
         name = os.fsdecode(name)
     return name or type(address).__name__
+
+
+def unsent_bytes(sock: socket.socket | None) -> int | None:
+    """
+    The bytes still waiting in the kernel's send queue of C{sock}
+    (C{SIOCOUTQ}, Linux), or C{None} where that cannot be asked.  When it
+    shrinks, the peer is taking bytes, even while the socket is not yet
+    reported writable again.
+    """
+    if sock is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    value: int = struct.unpack("i", raw)[0]
+    return value
 
 
 class _IConnection(ITCPTransport, IConsumer):
@@ -110,6 +132,11 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         self._backpressure = False
         self._lines = 0
         self._socket: socket.socket | None = None
+        # The plain socket under the transport (TLS included), for asking
+        # the kernel whether a slow reader is still reading.
+        self._queue_socket: socket.socket | None = None
+        self._unsent: int | None = None
+        self._pending: Deferred[Reply] | None = None
         self._gate = _SendBufferGate(self)
         self.peer = "-"
 
@@ -144,6 +171,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         factory = self.factory
         self._socket = direct_socket(self.transport)
+        self._queue_socket = _plain_socket(self.transport)
         self.peer = describe_peer(self.transport.getPeer())
         factory.connection_made(self)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -164,6 +192,10 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
         self.setTimeout(None)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            # Disk work for a client who has gone is dropped before it runs.
+            pending.cancel()
         self.factory.connection_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -175,8 +207,21 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         if self._lines != lines or not self._buffer:
             self.resetTimeout()
 
+    def _progressed(self) -> None:
+        """A reply made a step: restart the timer, note the kernel's queue."""
+        self.resetTimeout()
+        self._unsent = unsent_bytes(self._queue_socket)
+
     def timeoutConnection(self) -> None:
         stuck = self._replying or self._backpressure
+        if stuck and self._pending is None:
+            unsent = unsent_bytes(self._queue_socket)
+            if unsent is not None and self._unsent is not None and unsent < self._unsent:
+                # The kernel's queue shrank: the client is reading, only
+                # slower than the socket reports writability.
+                self._unsent = unsent
+                self.setTimeout(self.factory.idle_timeout)
+                return
         self._log.info(
             "{peer}: {what} for {seconds} s; closing",
             peer=self.peer,
@@ -218,20 +263,32 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             reply = error_reply(wire.UNAVAILABLE, "internal error")
         if isinstance(reply, Deferred):
             self._set_replying(True)
-            reply.addErrback(self._internal_error, line)
-            reply.addCallback(self._deliver, line, started)
+            self._pending = reply
+            reply.addCallbacks(
+                self._deliver,
+                self._internal_error,
+                callbackArgs=(line, started),
+                errbackArgs=(line, started),
+            )
         else:
             self._deliver(reply, line, started)
 
-    def _internal_error(self, reason: Failure, line: bytes) -> Reply:
-        self._log.failure("Error answering {request!r}", reason, request=line[:200])
-        return error_reply(wire.UNAVAILABLE, "internal error")
+    def _internal_error(self, reason: Failure, line: bytes, started: float) -> None:
+        self._pending = None
+        if reason.check(CancelledError):
+            return  # the client left while its answer was being worked out
+        self._log.failure("Error answering {request!r}", reason, request=wire.printable_bytes(line[:200]))
+        self._deliver(error_reply(wire.UNAVAILABLE, "internal error"), line, started)
 
     # Replies
 
     def _deliver(self, reply: Reply, line: bytes, started: float) -> None:
+        self._pending = None
         if reply.body is None:
             self._finish_simple(line, reply, started)
+            return
+        if self.transport is None or not self.connected:
+            self.factory.server.body_failed(reply.body)
             return
         self._set_replying(True)
         transport = self.transport
@@ -241,11 +298,20 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         transport.unregisterProducer()
         self._backpressure = False
         transport.write(reply.data)
+        self._progressed()
         body = reply.body
+        if isinstance(body, ListBody):
+            body.send(transport, on_progress=self._progressed).addCallbacks(
+                self._list_sent,
+                self._body_failed,
+                callbackArgs=(reply, line, started),
+                errbackArgs=(body, reply, line, started),
+            )
+            return
         d: Deferred[TransferResult]
         if isinstance(body, MemoryBody):
             d = send_memory(
-                transport, body.data, body.start, on_progress=self.resetTimeout
+                transport, body.data, body.start, on_progress=self._progressed
             ).addCallback(TransferResult)
         else:
             d = send_file(
@@ -255,7 +321,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
                 body.length,
                 digest_known=body.digest is not None,
                 collect=body.fill,
-                on_progress=self.resetTimeout,
+                on_progress=self._progressed,
             )
         d.addCallbacks(
             self._body_sent,
@@ -273,6 +339,13 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         if self._replying:
             self.resetTimeout()
             self._set_replying(False)
+
+    def _list_sent(self, result: ListResult, reply: Reply, line: bytes, started: float) -> None:
+        self.transport.registerProducer(self._gate, True)
+        status = "OK" if result.error is None else "ERR " + wire.UNAVAILABLE
+        self._access(line, reply, started, status, result.sent)
+        self.resetTimeout()
+        self._set_replying(False)
 
     def _body_sent(
         self,
@@ -292,7 +365,8 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
                 path=line[4:200],
                 peer=self.peer,
             )
-            self._access(line, reply, started, "cut")
+            server.counters.bytes_sent += result.sent
+            self._access(line, reply, started, "cut", result.sent)
             self.transport.abortConnection()
             return
         server.counters.bytes_sent += result.sent
@@ -305,29 +379,44 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def _body_failed(
         self,
         reason: Failure,
-        body: MemoryBody | DiskBody,
+        body: MemoryBody | DiskBody | ListBody,
         reply: Reply,
         line: bytes,
         started: float,
     ) -> None:
         self.factory.server.body_failed(body)
-        self._access(line, reply, started, "cut")
+        sent = reason.value.sent if isinstance(reason.value, TransferFailed) else 0
+        if not isinstance(body, ListBody):
+            self.factory.server.counters.bytes_sent += sent
+        self._access(line, reply, started, "cut", sent)
         if self.transport is not None and self.connected:
             self.transport.abortConnection()
 
-    def _access(self, line: bytes, reply: Reply, started: float, status: str = "") -> None:
+    def _access(
+        self, line: bytes, reply: Reply, started: float, status: str = "", size: int | None = None
+    ) -> None:
         factory = self.factory
         if not factory.access_log:
             return
         self._log.info(
             "{peer} {request} {status} {size} {seconds:.6f} {cache}",
             peer=self.peer,
-            request=line[:200].rstrip(b"\r").decode("utf-8", "backslashreplace"),
+            # Escaped: a request line must not be able to forge log lines.
+            request=wire.printable_bytes(line[:200].rstrip(b"\r")),
             status=status or reply.status,
-            size=reply.size,
+            size=reply.size if size is None else size,
             seconds=factory.clock.seconds() - started,
             cache=reply.cache,
         )
+
+
+def _plain_socket(transport: object) -> socket.socket | None:
+    """The socket under a TCP transport, TLS or not, if it has one."""
+    for candidate in (transport, getattr(transport, "transport", None)):
+        sock = getattr(candidate, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
 
 
 class _Refusal(Protocol):
@@ -343,20 +432,40 @@ class _Refusal(Protocol):
         self.transport.loseConnection()
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def parse_allow(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """
-    Networks from C{10.0.0.0/8,192.168.1.7,::1}.
+    Networks from C{10.0.0.0/8,192.168.1.7,::1}.  IPv4-mapped IPv6 entries
+    (C{::ffff:10.0.0.0/104}) are turned into the IPv4 networks they stand
+    for, as peers on a dual-stack socket are, so both meet in one form.
 
     @raise ValueError: on anything that is not an address or network.
     """
-    networks = []
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for part in text.split(","):
         part = part.strip()
         if part:
-            networks.append(ipaddress.ip_network(part, strict=False))
+            networks.extend(_normalised(ipaddress.ip_network(part, strict=False)))
     if not networks:
         raise ValueError("empty allow-list")
     return networks
+
+
+def _normalised(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    if isinstance(network, ipaddress.IPv4Network):
+        return [network]
+    if network.subnet_of(_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return [ipaddress.IPv4Network((mapped, network.prefixlen - 96))]
+    if network.supernet_of(_MAPPED):
+        # ::/0 and the like hold every mapped address: all of IPv4 too.
+        return [network, ipaddress.IPv4Network("0.0.0.0/0")]
+    return [network]
 
 
 if TYPE_CHECKING:

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from stat import S_ISREG
-from typing import Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from filecache import wire
+from filecache import __version__, wire
 from filecache.cache import CacheEntry, ICache
+from filecache.diskwork import BlockingRunner, run_now
 from filecache.folder import (
     NotShared,
     OpenedFile,
@@ -25,30 +26,21 @@ from filecache.folder import (
     Unreadable,
     version_token,
 )
+from filecache.listing import ListBody
 from filecache.transfer import TransferResult
 
-T = TypeVar("T")
+__all__ = ["BlockingRunner", "run_now"]  # where they were before diskwork.py
 
 INLINE_LIMIT = 64 * 1024
 """Bodies up to this size are sent in one write together with their status
 and END lines: one segment on the wire, no producer to set up."""
 
-
-class BlockingRunner(Protocol):
-    """Runs blocking work off the reactor thread; a Deferred of its result."""
-
-    def __call__(self, work: Callable[[], T]) -> Deferred[T]: ...
+HASH_STEP = 8 * 1024 * 1024
+"""Bytes hashed per step in a disk thread: a step is a few milliseconds, so
+the disk threads take the clients that wait on them in turn."""
 
 
-def run_now(work: Callable[[], T]) -> Deferred[T]:
-    """Run blocking C{work} right away, on this thread (for tests)."""
-    try:
-        return succeed(work())
-    except BaseException:  # noqa: BLE001 - the Deferred carries it, as with maybeDeferred
-        return fail(Failure())
-
-
-def sha256_hex(data: bytes | memoryview) -> str:
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -56,7 +48,7 @@ def sha256_hex(data: bytes | memoryview) -> str:
 class MemoryBody:
     """A body sent from bytes in memory: C{data[start:]}."""
 
-    data: bytes
+    data: bytes | bytearray
     start: int
     digest: str
 
@@ -68,7 +60,8 @@ class DiskBody:
 
     @ivar digest: SHA-256 of the whole file when already known (then the
         kernel may copy it without our reading it).
-    @ivar fill: whether the bytes read are to be put in the cache.
+    @ivar fill: whether the bytes read are to be put in the cache (room for
+        them is reserved in the cache until the body is released).
     """
 
     opened: OpenedFile
@@ -78,7 +71,7 @@ class DiskBody:
     fill: bool
 
 
-Body = MemoryBody | DiskBody
+Body = MemoryBody | DiskBody | ListBody
 
 
 @dataclass(frozen=True)
@@ -110,31 +103,70 @@ class Counters:
     requests: int = 0
 
 
+DIGEST_ENTRY_COST = 320
+"""Bytes one remembered digest costs: its version key, 32 digest bytes and
+the index slot (measured at about 270 on CPython 3.11)."""
+
+DIGEST_BUDGET = 8 * 1024 * 1024
+"""The memory the digest store may take."""
+
+
 class DigestStore:
     """
     SHA-256 digests of whole files by version token, so a file too big to
-    cache is hashed once, not on every transfer.  Bounded, oldest dropped.
+    cache is hashed once, not on every transfer.  Bounded in bytes (each
+    entry counted at L{DIGEST_ENTRY_COST}); the oldest is dropped first.
     """
 
-    def __init__(self, limit: int = 65536) -> None:
-        self._limit = limit
-        self._digests: OrderedDict[str, str] = OrderedDict()
+    def __init__(self, budget: int = DIGEST_BUDGET) -> None:
+        self._limit = budget // DIGEST_ENTRY_COST
+        self._digests: OrderedDict[str, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._digests)
 
     def get(self, version: str) -> str | None:
-        return self._digests.get(version)
+        raw = self._digests.get(version)
+        return raw.hex() if raw is not None else None
 
     def put(self, version: str, digest: str) -> None:
-        self._digests[version] = digest
+        self._digests[version] = bytes.fromhex(digest)
         while len(self._digests) > self._limit:
             self._digests.popitem(last=False)
+
+
+class _SharedHash:
+    """
+    One whole-file hash in progress, shared by every request for the same
+    version: the file is read once however many ask at once.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.hasher = hashlib.sha256()
+        self.position = 0
+        self.waiters: list[Deferred[str]] = []
+
+    def step(self) -> bool:
+        """Hash the next piece (in a disk thread); C{True} when all is read."""
+        size = self.size
+        end = min(size, self.position + HASH_STEP)
+        while self.position < end:
+            chunk = os.pread(self.fd, min(1 << 20, end - self.position), self.position)
+            if not chunk:
+                raise OSError(0, "file ended early")
+            self.hasher.update(chunk)
+            self.position += len(chunk)
+        return self.position >= size
 
 
 class FileCacheServer:
     """
     Answers requests for one shared folder through one shared cache.
 
-    @param run_blocking: runs a blocking callable off the reactor thread and
-        returns a Deferred of its result (L{run_now} runs it in place).
+    @param run_blocking: runs a short blocking step off the reactor thread
+        and returns a Deferred of its result (L{run_now} runs it in place).
     """
 
     def __init__(
@@ -142,13 +174,20 @@ class FileCacheServer:
         folder: SharedFolder,
         cache: ICache,
         run_blocking: BlockingRunner = run_now,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        worker: int = 0,
     ) -> None:
         self.folder = folder
         self.cache = cache
         self.counters = Counters()
         self.digests = DigestStore()
         self._run_blocking = run_blocking
-        self._filling: dict[str, int] = {}
+        self._filling: set[str] = set()
+        self._hashing: dict[str, _SharedHash] = {}
+        self._clock = clock
+        self._started = clock()
+        self._worker = worker
 
     def respond(self, request: wire.Request) -> Reply | Deferred[Reply]:
         """The reply to C{request} (QUIT is the protocol's business)."""
@@ -162,15 +201,13 @@ class FileCacheServer:
 
     # GET
 
-    def _get(self, request: wire.GetRequest) -> Reply:
+    def _get(self, request: wire.GetRequest) -> Reply | Deferred[Reply]:
         path = request.path
         hit = self._cached(path)
         if hit is not None:
             entry, size = hit
             if request.offset > size:
                 return error_reply(wire.BAD_REQUEST, "offset past the end of the file")
-            if request.offset == 0 and entry.reply is not None:
-                return Reply(entry.reply, "OK", None, "hit", size)
             return self._from_memory(entry.data, request.offset, entry.digest, entry.version, "hit")
         opened = self._open(path)
         if isinstance(opened, Reply):
@@ -185,18 +222,14 @@ class FileCacheServer:
             return self._from_memory(known.data, request.offset, known.digest, st.version, "hit")
         if st.size <= INLINE_LIMIT:
             try:
-                data = _read_whole(opened)
+                data = self.folder.read_whole(opened)
             except Unreadable as e:
                 return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
             finally:
                 opened.close()
             digest = sha256_hex(data)
-            reply = self._from_memory(data, 0, digest, st.version, "miss")
-            entry = CacheEntry(data, st.version, digest, st.mtime, opened.source, reply.data)
-            self.cache.insert(path, entry)
-            if request.offset:
-                return self._from_memory(data, request.offset, digest, st.version, "miss")
-            return reply
+            self.cache.insert(path, CacheEntry(data, st.version, digest, st.mtime, opened.source))
+            return self._from_memory(data, request.offset, digest, st.version, "miss")
         whole = request.offset == 0
         known_digest = self.digests.get(st.version) if whole else None
         fill = whole and self._reserve_fill(path, st.size)
@@ -220,8 +253,8 @@ class FileCacheServer:
         """
         The cache entry for C{path} if the file on disk is still the one it
         was read from: one C{stat}, no open.  The entry was confined to the
-        folder when it was read; the same inode, size and time mean the same
-        file.
+        folder when it was read; the same inode, size and times mean the
+        same file.
         """
         entry = self.cache.peek(path)
         if entry is None or not entry.source:
@@ -230,61 +263,57 @@ class FileCacheServer:
             st = os.stat(entry.source)
         except OSError:
             return None
-        if not S_ISREG(st.st_mode) or version_token(st.st_ino, st.st_size, st.st_mtime_ns) != entry.version:
+        if not S_ISREG(st.st_mode) or version_token(st) != entry.version:
             return None
         if self.cache.lookup(path, entry.version) is None:  # counts the hit
             return None  # pragma: no cover - the entry was just seen
         return entry, st.st_size
 
-    def _hash(self, path: str) -> Reply | Deferred[Reply]:
-        opened = self._open(path)
-        if isinstance(opened, Reply):
-            return opened
-        st = opened.stat
-        entry = self.cache.peek(path)
-        known = entry.digest if entry is not None and entry.version == st.version else None
-        known = known or self.digests.get(st.version)
-        if known is not None:
-            opened.close()
-            return Reply(wire.format_hash_status(st.size, st.version, known), "OK")
-
-        def hashed(digest: str) -> Reply:
-            try:
-                if not self.folder.is_current(opened):
-                    return error_reply(wire.UNAVAILABLE, "file changed while being hashed; try again")
-            finally:
-                opened.close()
-            self.digests.put(st.version, digest)
-            return Reply(wire.format_hash_status(st.size, st.version, digest), "OK")
-
-        def failed(reason: Failure) -> Reply:
-            opened.close()
-            return error_reply(wire.UNAVAILABLE, "cannot read file")
-
-        # A whole read of a file that may be large: off the reactor thread.
-        d = self._run_blocking(lambda: _hash_file(opened.fd, st.size))
-        return d.addCallbacks(hashed, failed)
-
     def _from_memory(
-        self, data: bytes, start: int, digest: str, version: str, cache: str
-    ) -> Reply:
+        self, data: bytes | bytearray, start: int, digest: str, version: str, cache: str
+    ) -> Reply | Deferred[Reply]:
         length = len(data) - start
+        status = wire.format_get_status(length, version)
+        if start and length > INLINE_LIMIT:
+            # The digest of a tail: hashed in the disk threads, a step at a
+            # time, never on the reactor thread.
+            def hashed(tail_digest: str) -> Reply:
+                return Reply(status, "OK", MemoryBody(data, start, tail_digest), cache, length)
+
+            return self._digest_of_memory(data, start).addCallback(hashed)
         if start:
             digest = sha256_hex(memoryview(data)[start:])
-        status = wire.format_get_status(length, version)
         if length <= INLINE_LIMIT:
             whole = b"".join((status, data[start:] if start else data, wire.format_end(digest)))
             return Reply(whole, "OK", None, cache, length)
         return Reply(status, "OK", MemoryBody(data, start, digest), cache, length)
 
+    def _digest_of_memory(self, data: bytes | bytearray, start: int) -> Deferred[str]:
+        hasher = hashlib.sha256()
+        view = memoryview(data)
+        position = [start]
+
+        def step() -> bool:
+            end = min(len(view), position[0] + HASH_STEP)
+            hasher.update(view[position[0] : end])
+            position[0] = end
+            return end >= len(view)
+
+        def next_step(done: bool) -> str | Deferred[str]:
+            if done:
+                return hasher.hexdigest()
+            return self._run_blocking(step).addCallback(next_step)
+
+        return self._run_blocking(step).addCallback(next_step)
+
     def _reserve_fill(self, path: str, size: int) -> bool:
-        # One reader fills the cache per file, and the bytes being gathered
-        # for the cache at once stay within its capacity.
-        if not self.cache.admits(size) or path in self._filling:
+        # One reader fills the cache per file, and room for the bytes being
+        # gathered is made in the cache before they are read.
+        if path in self._filling or not self.cache.admits(size):
             return False
-        if sum(self._filling.values()) + size > self.cache.capacity:
+        if not self.cache.reserve(size):
             return False
-        self._filling[path] = size
+        self._filling.add(path)
         return True
 
     def body_sent(self, body: Body, result: TransferResult) -> str | None:
@@ -295,6 +324,7 @@ class FileCacheServer:
         """
         if isinstance(body, MemoryBody):
             return body.digest
+        assert isinstance(body, DiskBody)
         opened = body.opened
         try:
             current = self.folder.is_current(opened)
@@ -323,45 +353,104 @@ class FileCacheServer:
     def _release(self, body: DiskBody) -> None:
         body.opened.close()
         if body.fill:
-            self._filling.pop(body.opened.path, None)
+            self._filling.discard(body.opened.path)
+            self.cache.release(body.opened.stat.size)
+
+    # HASH
+
+    def _hash(self, path: str) -> Reply | Deferred[Reply]:
+        opened = self._open(path)
+        if isinstance(opened, Reply):
+            return opened
+        st = opened.stat
+        entry = self.cache.peek(path)
+        known = entry.digest if entry is not None and entry.version == st.version else None
+        known = known or self.digests.get(st.version)
+        if known is not None:
+            opened.close()
+            return Reply(wire.format_hash_status(st.size, st.version, known), "OK")
+
+        def hashed(digest: str) -> Reply:
+            try:
+                if not self.folder.is_current(opened):
+                    return error_reply(wire.UNAVAILABLE, "file changed while being hashed; try again")
+            finally:
+                opened.close()
+            return Reply(wire.format_hash_status(st.size, st.version, digest), "OK")
+
+        def failed(reason: Failure) -> Reply | Failure:
+            opened.close()
+            if reason.check(Unreadable, OSError):
+                return error_reply(wire.UNAVAILABLE, "cannot read file")
+            return reason  # cancelled: the client has gone
+
+        return self._digest_of_file(opened).addCallbacks(hashed, failed)
+
+    def _digest_of_file(self, opened: OpenedFile) -> Deferred[str]:
+        """
+        The SHA-256 of the whole of C{opened}, read in steps in the disk
+        threads; concurrent requests for the same version share one read.
+        """
+        version = opened.stat.version
+        job = self._hashing.get(version)
+        start = job is None
+        if job is None:
+            job = _SharedHash(os.dup(opened.fd), opened.stat.size)
+            self._hashing[version] = job
+        shared = job
+
+        def cancel(d: Deferred[str]) -> None:
+            if d in shared.waiters:
+                shared.waiters.remove(d)
+
+        waiter: Deferred[str] = Deferred(cancel)
+        job.waiters.append(waiter)
+        if start:
+            self._run_job(version, job)
+        return waiter
+
+    def _run_job(self, version: str, job: _SharedHash) -> None:
+        def finish(result: str | Failure) -> None:
+            del self._hashing[version]
+            os.close(job.fd)
+            waiters, job.waiters = job.waiters, []
+            if isinstance(result, str):
+                self.digests.put(version, result)
+            for waiter in waiters:
+                if isinstance(result, str):
+                    waiter.callback(result)
+                else:
+                    waiter.errback(result)
+
+        def stepped(done: bool) -> None:
+            if done:
+                finish(job.hasher.hexdigest())
+            elif not job.waiters:
+                finish(Failure(OSError(0, "nobody waits for this hash")))
+            else:
+                self._run_blocking(job.step).addCallbacks(stepped, finish)
+
+        self._run_blocking(job.step).addCallbacks(stepped, finish)
 
     # LIST and STATS
 
-    def _list(self, cached: bool) -> Reply | Deferred[Reply]:
+    def _list(self, cached: bool) -> Reply:
         if cached:
             rows = [
                 wire.ListRow(len(entry.data), entry.mtime, True, path)
                 for path, entry in self.cache
             ]
             return Reply(wire.format_list(rows), "OK")
+        cache = self.cache
 
-        # What the cache holds now, looked up by encoded path in the disk
-        # thread: the cache is small next to a large folder.
-        in_cache = {path.encode("utf-8"): entry.version for path, entry in self.cache}
-        quote = wire.quote_bytes
+        def marked(path: bytes, st: os.stat_result) -> bool:
+            # Called in a disk thread: one dict lookup, atomic under the GIL.
+            entry = cache.peek(path.decode("utf-8"))
+            return entry is not None and entry.version == version_token(st)
 
-        def row(path: bytes, st: os.stat_result) -> tuple[bytes, bytes]:
-            size = st.st_size
-            mtime_ns = st.st_mtime_ns
-            mark = b"-"
-            if path in in_cache and in_cache[path] == version_token(st.st_ino, size, mtime_ns):
-                mark = b"C"
-            return path, b"%d %d %s %s\r\n" % (size, mtime_ns // 1_000_000_000, mark, quote(path))
+        return Reply(wire.LIST_STATUS, "OK", ListBody(self.folder.walk(), marked, self._run_blocking))
 
-        def listing() -> bytes:
-            lines = self.folder.scan(row)
-            return b"OK %d\r\n" % (len(lines),) + b"".join([line for _, line in lines])
-
-        def listed(data: bytes) -> Reply:
-            return Reply(data, "OK")
-
-        def failed(reason: Failure) -> Reply:
-            return error_reply(wire.UNAVAILABLE, "cannot list the shared folder")
-
-        d = self._run_blocking(listing)
-        return d.addCallbacks(listed, failed)
-
-    def stats(self) -> list[tuple[str, int]]:
+    def stats(self) -> list[tuple[str, wire.StatValue]]:
         cache = self.cache
         c = self.counters
         return [
@@ -375,36 +464,12 @@ class FileCacheServer:
             ("connections_total", c.connections_total),
             ("bytes_sent", c.bytes_sent),
             ("requests", c.requests),
+            ("uptime_seconds", int(self._clock() - self._started)),
+            ("version", __version__),
+            ("worker", self._worker),
+            ("pid", os.getpid()),
         ]
 
     def _stats(self) -> Reply:
         return Reply(wire.format_stats(self.stats()), "OK")
 
-
-def _read_whole(opened: OpenedFile) -> bytes:
-    """
-    Read a small file whole and check it still matches its stat.
-
-    @raise Unreadable: on a read error, or if the file changed meanwhile.
-    """
-    size = opened.stat.size
-    try:
-        data = os.pread(opened.fd, size + 1, 0)
-    except OSError as e:
-        raise Unreadable(opened.path, e) from None
-    if len(data) != size:
-        raise Unreadable(opened.path, OSError(0, "file changed while being read"))
-    return data
-
-
-def _hash_file(fd: int, size: int) -> str:
-    """SHA-256 of the first C{size} bytes of C{fd}; raise if it is shorter."""
-    hasher = hashlib.sha256()
-    position = 0
-    while position < size:
-        chunk = os.pread(fd, min(1 << 20, size - position), position)
-        if not chunk:
-            raise OSError(0, "file ended early")
-        hasher.update(chunk)
-        position += len(chunk)
-    return hasher.hexdigest()

@@ -36,7 +36,15 @@ that one fast reader does not starve the others."""
 
 
 class TransferFailed(Exception):
-    """The body could not be sent whole: the file ended early or the peer left."""
+    """
+    The body could not be sent whole: the file ended early or the peer left.
+
+    @ivar sent: body bytes that went out before it stopped.
+    """
+
+    def __init__(self, message: str, sent: int = 0) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 @dataclass(frozen=True)
@@ -51,22 +59,37 @@ class TransferResult:
 
     sent: int
     digest: str | None = None
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
 
 
 def direct_socket(transport: object) -> socket.socket | None:
     """
     The socket under C{transport} if we may write to it directly: a plain
-    TCP or UNIX stream connection, not TLS.
+    TCP or UNIX stream connection, not TLS, whose Twisted buffer we can see
+    into.  Checked once per connection: if a Twisted release renames what
+    L{_buffer_empty} reads, this says C{None} and every byte goes through
+    C{transport.write}, slower but correct.
     """
     if (
         isinstance(transport, tcp.Connection)
         and not ISSLTransport.providedBy(transport)
         and not getattr(transport, "TLS", False)
+        and _buffer_readable(transport)
     ):
-        sock: socket.socket = transport.socket
-        return sock
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
     return None
+
+
+def _buffer_readable(transport: object) -> bool:
+    # The private parts of Twisted's FileDescriptor that _buffer_empty reads.
+    return (
+        isinstance(getattr(transport, "_tempDataLen", None), int)
+        and isinstance(getattr(transport, "dataBuffer", None), (bytes, bytearray, memoryview))
+        and isinstance(getattr(transport, "offset", None), int)
+        and callable(getattr(transport, "startWriting", None))
+    )
 
 
 def _buffer_empty(transport: Any) -> bool:
@@ -132,14 +155,14 @@ class _DirectSender:
                 count = min(self._length - self._sent, budget)
                 n = self._step(self._sent, count)
                 if n <= 0:
-                    return self._finish(TransferFailed("file ended early"))
+                    return self._finish(TransferFailed("file ended early", self._sent))
                 self._sent += n
                 budget -= n
         except BlockingIOError:
             self._transport.startWriting()
             return
         except OSError as e:
-            return self._finish(TransferFailed(f"send failed: {e.strerror or e}"))
+            return self._finish(TransferFailed(f"send failed: {e.strerror or e}", self._sent))
         finally:
             if budget < TURN:
                 self._on_progress()
@@ -160,7 +183,7 @@ class _DirectSender:
     def stopProducing(self) -> None:
         done, self._done = self._done, None
         if done is not None:
-            done.errback(Failure(TransferFailed("connection lost")))
+            done.errback(Failure(TransferFailed("connection lost", self._sent)))
 
 
 @implementer(IPushProducer)
@@ -170,7 +193,7 @@ class _SliceSender:
     def __init__(
         self,
         consumer: IConsumer,
-        data: bytes,
+        data: bytes | bytearray,
         start: int,
         done: Deferred[int],
         on_progress: Callable[[], object],
@@ -190,7 +213,7 @@ class _SliceSender:
         while not self._paused and self._pos < end and self._done is not None:
             piece = self._data[self._pos : self._pos + SLICE]
             self._pos += len(piece)
-            self._consumer.write(piece)
+            self._consumer.write(piece if isinstance(piece, bytes) else bytes(piece))
         if self._pos >= end and self._done is not None:
             done, self._done = self._done, None
             self._consumer.unregisterProducer()
@@ -202,7 +225,7 @@ class _SliceSender:
     def stopProducing(self) -> None:
         done, self._done = self._done, None
         if done is not None:
-            done.errback(Failure(TransferFailed("connection lost")))
+            done.errback(Failure(TransferFailed("connection lost", self._pos - self._start)))
 
 
 class _BoundedReader:
@@ -233,7 +256,7 @@ def _nothing() -> None:
 
 def send_memory(
     transport: Any,
-    data: bytes,
+    data: bytes | bytearray,
     start: int,
     *,
     on_progress: Callable[[], object] = _nothing,
@@ -314,28 +337,30 @@ def _read_and_send(
     on_progress: Callable[[], object],
 ) -> Deferred[TransferResult]:
     hasher = hashlib.sha256()
-    chunks: list[bytes] = []
+    # The bytes for the cache go into one buffer of the file's size, made
+    # once: no list of chunks and no joined copy beside it.
+    kept = bytearray(length) if collect else None
     counted = [0]
 
     def see(chunk: bytes) -> bytes:
         # FileSender reads the next chunk only once the last one was taken.
         on_progress()
         hasher.update(chunk)
+        position = counted[0]
         counted[0] += len(chunk)
-        if collect:
-            chunks.append(chunk)
+        if kept is not None:
+            kept[position : position + len(chunk)] = chunk
         return chunk
 
     def finished(_: object) -> TransferResult:
         if counted[0] != length:
-            raise TransferFailed("file ended early")
-        data = b"".join(chunks) if collect else None
-        return TransferResult(counted[0], hasher.hexdigest(), data)
+            raise TransferFailed("file ended early", counted[0])
+        return TransferResult(counted[0], hasher.hexdigest(), kept)
 
     def stopped(reason: Failure) -> Failure:
         # FileSender fails with a bare Exception when the consumer stops it.
         if not reason.check(TransferFailed):
-            return Failure(TransferFailed("connection lost"))
+            return Failure(TransferFailed("connection lost", counted[0]))
         return reason
 
     sender = FileSender()

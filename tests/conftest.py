@@ -21,6 +21,36 @@ import pytest
 
 BIN = Path(sys.executable).parent
 
+# Tests that start processes or open real sockets are marked "system", so
+# that `pytest -m "not system"` runs the in-memory tier alone.
+_SYSTEM_FIXTURES = frozenset({"daemon", "daemon_factory", "raw"})
+_SYSTEM_MODULES = frozenset(
+    {
+        "test_integration",
+        "test_faults",
+        "test_haproxy",
+        "test_systemd",
+        "test_drain",
+        "test_resume",
+        "test_workers",
+        "test_tls",
+        "test_packaging",
+        "test_client_faults",
+        "test_cli",
+        "test_attacks",
+        "test_startup",
+        "test_benchmark_harness",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""  # type: ignore[attr-defined]
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in _SYSTEM_MODULES or fixtures & _SYSTEM_FIXTURES:
+            item.add_marker(pytest.mark.system)
+
 
 def tool(name: str) -> str:
     """The console script C{name} installed beside this Python, else on PATH."""
@@ -179,8 +209,22 @@ class RawClient:
         return status, body, self.line()
 
     def rows(self, request: bytes) -> tuple[bytes, list[bytes]]:
+        """
+        Send a LIST or STATS request; return (status line, rows).  A LIST
+        reply's rows run up to its C{END <n>} line, which must count them.
+        """
         self.send(request + b"\r\n")
         status = self.line()
+        if status == b"OK\r\n":
+            rows = []
+            while True:
+                line = self.line()
+                if line.startswith(b"END "):
+                    assert int(line.split()[1]) == len(rows), line
+                    return status, rows
+                if line.startswith(b"ERR "):
+                    return line, rows
+                rows.append(line)
         if not status.startswith(b"OK "):
             return status, []
         return status, [self.line() for _ in range(int(status.split()[1]))]
@@ -210,13 +254,14 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> floa
 
 
 def stats(port: int, host: str = "127.0.0.1") -> dict[str, int]:
-    """A daemon's STATS, over a connection of its own."""
+    """A daemon's integer STATS, over a connection of its own."""
     client = RawClient(port, host=host)
     try:
         _, rows = client.rows(b"STATS")
     finally:
         client.close()
-    return {k: int(v) for k, v in (row.decode().split() for row in rows)}
+    pairs = (row.decode().split() for row in rows)
+    return {k: int(v) for k, v in pairs if v.lstrip("-").isdigit()}
 
 
 def open_fds(pid: int) -> int:

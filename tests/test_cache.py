@@ -30,13 +30,13 @@ def paths(cache: FifoCache) -> list[str]:
 def test_provides_icache() -> None:
     """FifoCache implements every method and attribute ICache declares."""
     assert verifyClass(ICache, FifoCache)
-    assert verifyObject(ICache, FifoCache(10))
-    assert ICache.providedBy(FifoCache(0))
+    assert verifyObject(ICache, FifoCache(10, entry_overhead=0))
+    assert ICache.providedBy(FifoCache(0, entry_overhead=0))
 
 
 def test_new_cache_is_empty() -> None:
     """A new cache holds nothing, has its capacity, and all counters at zero."""
-    cache = FifoCache(100)
+    cache = FifoCache(100, entry_overhead=0)
     assert (cache.capacity, cache.size, len(cache)) == (100, 0, 0)
     assert (cache.hits, cache.misses, cache.evictions) == (0, 0, 0)
     assert list(cache) == []
@@ -50,7 +50,7 @@ def test_negative_capacity_refused() -> None:
 
 def test_insert_and_lookup_hit() -> None:
     """An inserted entry is found by lookup with its version, counting one hit."""
-    cache = FifoCache(100)
+    cache = FifoCache(100, entry_overhead=0)
     e = entry(10, "v1")
     assert cache.insert("a", e) is True
     assert cache.lookup("a", "v1") is e
@@ -61,7 +61,7 @@ def test_insert_and_lookup_hit() -> None:
 
 def test_lookup_missing_counts_miss() -> None:
     """A lookup of an absent path returns None and counts one miss, evicting nothing."""
-    cache = FifoCache(100)
+    cache = FifoCache(100, entry_overhead=0)
     cache.insert("a", entry(10))
     assert cache.lookup("b", "v1") is None
     assert (cache.hits, cache.misses, cache.evictions) == (0, 1, 0)
@@ -70,7 +70,7 @@ def test_lookup_missing_counts_miss() -> None:
 
 def test_fifo_eviction_order() -> None:
     """When room is needed the oldest inserted entries are evicted first, one at a time."""
-    cache = FifoCache(30)
+    cache = FifoCache(30, entry_overhead=0)
     for name in "abc":
         assert cache.insert(name, entry(10))
     assert paths(cache) == ["a", "b", "c"]
@@ -86,7 +86,7 @@ def test_fifo_eviction_order() -> None:
 
 def test_hit_does_not_move_entry() -> None:
     """A hit leaves the entry where it was: FIFO, not LRU."""
-    cache = FifoCache(30)
+    cache = FifoCache(30, entry_overhead=0)
     for name in "abc":
         cache.insert(name, entry(10))
     for _ in range(3):
@@ -99,7 +99,7 @@ def test_hit_does_not_move_entry() -> None:
 
 def test_evicts_only_as_many_as_needed() -> None:
     """Eviction stops as soon as the new entry fits, keeping younger entries."""
-    cache = FifoCache(30)
+    cache = FifoCache(30, entry_overhead=0)
     cache.insert("a", entry(5))
     cache.insert("b", entry(5))
     cache.insert("c", entry(15))
@@ -115,7 +115,7 @@ def test_evicts_only_as_many_as_needed() -> None:
 
 def test_oversize_entry_refused_without_evicting() -> None:
     """An entry larger than the capacity is refused (False), and nothing else is evicted."""
-    cache = FifoCache(20)
+    cache = FifoCache(20, entry_overhead=0)
     cache.insert("a", entry(10))
     cache.insert("b", entry(10))
     assert cache.insert("big", entry(21)) is False
@@ -131,7 +131,7 @@ def test_oversize_reinsert_drops_old_entry() -> None:
     Re-inserting a path with content too big to cache drops the stale old
     entry (counted as an eviction) and stores nothing for the path.
     """
-    cache = FifoCache(20)
+    cache = FifoCache(20, entry_overhead=0)
     cache.insert("a", entry(10, "v1"))
     cache.insert("b", entry(5))
     assert cache.insert("a", entry(21, "v2")) is False
@@ -143,7 +143,7 @@ def test_oversize_reinsert_drops_old_entry() -> None:
 
 def test_entry_exactly_capacity_admitted() -> None:
     """An entry exactly as big as the capacity is stored, evicting everything else."""
-    cache = FifoCache(20)
+    cache = FifoCache(20, entry_overhead=0)
     assert cache.admits(20)
     cache.insert("a", entry(10))
     cache.insert("b", entry(5))
@@ -155,7 +155,7 @@ def test_entry_exactly_capacity_admitted() -> None:
 
 def test_zero_capacity_holds_only_empty_files() -> None:
     """A zero budget admits empty files only."""
-    cache = FifoCache(0)
+    cache = FifoCache(0, entry_overhead=0)
     assert cache.admits(0)
     assert not cache.admits(1)
     assert cache.insert("empty", entry(0)) is True
@@ -166,7 +166,7 @@ def test_zero_capacity_holds_only_empty_files() -> None:
 
 def test_reinsert_moves_to_newest_and_counts_eviction() -> None:
     """Re-inserting an existing path replaces it as the newest entry and counts one eviction."""
-    cache = FifoCache(30)
+    cache = FifoCache(30, entry_overhead=0)
     for name in "abc":
         cache.insert(name, entry(10, "v1"))
     new = entry(8, "v2", b"y")
@@ -183,7 +183,7 @@ def test_reinsert_moves_to_newest_and_counts_eviction() -> None:
 
 def test_reinsert_of_full_cache_entry_does_not_evict_others() -> None:
     """Replacing an entry by one of the same size in a full cache evicts only the old version."""
-    cache = FifoCache(20)
+    cache = FifoCache(20, entry_overhead=0)
     cache.insert("a", entry(10))
     cache.insert("b", entry(10))
     cache.insert("b", entry(10, "v2"))
@@ -193,7 +193,7 @@ def test_reinsert_of_full_cache_entry_does_not_evict_others() -> None:
 
 def test_stale_lookup_evicts_and_misses() -> None:
     """A lookup with another version evicts the stale entry and counts a miss, not a hit."""
-    cache = FifoCache(30)
+    cache = FifoCache(30, entry_overhead=0)
     cache.insert("a", entry(10, "v1"))
     cache.insert("b", entry(10, "v1"))
     assert cache.lookup("a", "v2") is None
@@ -207,7 +207,7 @@ def test_stale_lookup_evicts_and_misses() -> None:
 
 def test_peek_counts_nothing_and_ignores_version() -> None:
     """peek returns the entry whatever its version, changing no counter and no order."""
-    cache = FifoCache(30)
+    cache = FifoCache(30, entry_overhead=0)
     e = entry(10, "v1")
     cache.insert("a", e)
     cache.insert("b", entry(10))
@@ -219,7 +219,7 @@ def test_peek_counts_nothing_and_ignores_version() -> None:
 
 def test_discard() -> None:
     """discard evicts a present entry (counted) and ignores an absent one."""
-    cache = FifoCache(30)
+    cache = FifoCache(30, entry_overhead=0)
     cache.insert("a", entry(10))
     cache.insert("b", entry(7))
     cache.discard("a")
@@ -234,7 +234,7 @@ def test_discard() -> None:
 
 def test_iteration_is_a_snapshot() -> None:
     """Iterating yields (path, entry) pairs oldest first, and the cache may change meanwhile."""
-    cache = FifoCache(30)
+    cache = FifoCache(30, entry_overhead=0)
     ea, eb = entry(10), entry(10)
     cache.insert("a", ea)
     cache.insert("b", eb)
@@ -255,7 +255,7 @@ class FifoCacheMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.cache = FifoCache(64)
+        self.cache = FifoCache(64, entry_overhead=0)
         # The model: (path, size, version) oldest first, and the counters.
         self.model: list[tuple[str, int, str]] = []
         self.hits = self.misses = self.evictions = 0
@@ -354,7 +354,7 @@ def test_budget_and_order_property(capacity: int, inserts: list[tuple[str, int]]
     equal the sum of the entries, and the survivors appear in the order of
     their last insertion.
     """
-    cache = FifoCache(capacity)
+    cache = FifoCache(capacity, entry_overhead=0)
     last_insert: dict[str, int] = {}
     for step, (path, size) in enumerate(inserts):
         stored = cache.insert(path, entry(size))
@@ -373,3 +373,45 @@ def test_budget_and_order_property(capacity: int, inserts: list[tuple[str, int]]
         assert survivors == [
             p for p, s in sorted(last_insert.items(), key=lambda i: i[1]) if s >= oldest
         ]
+
+
+# The budget counts what an entry really costs (issue 8, items 4 and 5).
+
+
+def test_zero_budget_caches_nothing_not_even_empty_files() -> None:
+    """With the default per-entry overhead, --cache-size 0 keeps no entry at all (item 5)."""
+    cache = FifoCache(0)
+    assert not cache.admits(0)
+    assert cache.insert("empty", entry(0)) is False
+    assert (len(cache), cache.used) == (0, 0)
+
+
+def test_each_entry_is_charged_its_overhead() -> None:
+    """64 KiB of one-byte files holds about 64 entries, not 65,536 (item 5)."""
+    from filecache.cache import ENTRY_OVERHEAD
+
+    cache = FifoCache(64 * 1024)
+    for n in range(65_536):
+        cache.insert(f"f{n}", entry(1))
+    assert len(cache) == 64 * 1024 // (1 + ENTRY_OVERHEAD)
+    assert cache.used <= cache.capacity
+    assert cache.used == len(cache) * (1 + ENTRY_OVERHEAD)
+
+
+def test_reserve_evicts_before_the_bytes_are_read() -> None:
+    """A fill's reservation evicts the oldest entries at once, so old and new never coexist (item 4)."""
+    cache = FifoCache(100, entry_overhead=0)
+    cache.insert("old", entry(60))
+    assert cache.reserve(60) is True
+    assert paths(cache) == []
+    assert cache.used == 60
+    # Another fill that would not fit beside the first is refused, not squeezed in.
+    assert cache.reserve(60) is False
+    # Entries inserted meanwhile cannot eat into the reservation.
+    assert cache.insert("small", entry(30)) is True
+    assert cache.insert("big", entry(50)) is False
+    assert cache.used == 90
+    cache.release(60)
+    assert cache.insert("new", entry(60)) is True
+    assert paths(cache) == ["small", "new"]
+    assert cache.used == cache.size == 90

@@ -678,35 +678,41 @@ def test_list_files_lists_what_open_serves_through_dir_symlink(
     root: Path, folder: SharedFolder
 ) -> None:
     """
-    A file that open() serves through a symlinked directory is listed under
-    that path as well as under its plain path: LIST shows every shared file.
+    A file that open() serves through a symlinked directory is listed once,
+    at its real place: the walk does not follow symlinks to folders (issue 8,
+    item 7: a fan of links must not multiply the walk), while GET still
+    follows them inside the folder.
     """
     write(root, "real/f.txt")
     (root / "link").symlink_to("real")
     opened = folder.open("link/f.txt")
     opened.close()
-    assert [path for path, _ in folder.list_files()] == ["link/f.txt", "real/f.txt"]
+    assert [path for path, _ in folder.list_files()] == ["real/f.txt"]
 
 
 # FileStat
 
 
 def test_file_stat_version() -> None:
-    """The version is lower-case hex of inode, size and mtime_ns joined by '-', changing with each."""
-    base = FileStat(ino=0x7C8CE, size=22, mtime_ns=0x18EA3FDC92C71808)
-    assert base.version == "7c8ce-16-18ea3fdc92c71808"
-    assert FileStat(0x7C8CE, 22, 0x18EA3FDC92C71808).version == base.version
-    assert FileStat(0x7C8CE, 23, 0x18EA3FDC92C71808).version != base.version
-    assert FileStat(0x7C8CE, 22, 0x18EA3FDC92C71809).version != base.version
-    assert FileStat(0x7C8CF, 22, 0x18EA3FDC92C71808).version != base.version
-    assert FileStat(1, 0, 0).version == "1-0-0"
+    """
+    The version is lower-case hex of inode, size, mtime_ns and ctime_ns
+    joined by '-', changing with each.
+    """
+    base = FileStat(ino=0x7C8CE, size=22, mtime_ns=0x18EA3FDC92C71808, ctime_ns=0x18EA3FDC92C71900)
+    assert base.version == "7c8ce-16-18ea3fdc92c71808-18ea3fdc92c71900"
+    assert FileStat(0x7C8CE, 22, 0x18EA3FDC92C71808, 0x18EA3FDC92C71900).version == base.version
+    assert FileStat(0x7C8CE, 23, 0x18EA3FDC92C71808, 0x18EA3FDC92C71900).version != base.version
+    assert FileStat(0x7C8CE, 22, 0x18EA3FDC92C71809, 0x18EA3FDC92C71900).version != base.version
+    assert FileStat(0x7C8CF, 22, 0x18EA3FDC92C71808, 0x18EA3FDC92C71900).version != base.version
+    assert FileStat(0x7C8CE, 22, 0x18EA3FDC92C71808, 0x18EA3FDC92C71901).version != base.version
+    assert FileStat(1, 0, 0, 0).version == "1-0-0-0"
 
 
 def test_file_stat_mtime_whole_seconds() -> None:
     """mtime is mtime_ns in whole seconds, rounded down."""
-    assert FileStat(1, 1, 1_999_999_999).mtime == 1
-    assert FileStat(1, 1, 2_000_000_000).mtime == 2
-    assert FileStat(1, 1, 0).mtime == 0
+    assert FileStat(1, 1, 1_999_999_999, 0).mtime == 1
+    assert FileStat(1, 1, 2_000_000_000, 0).mtime == 2
+    assert FileStat(1, 1, 0, 0).mtime == 0
 
 
 def test_file_stat_version_follows_disk(root: Path) -> None:

@@ -38,7 +38,7 @@ from twisted.test import iosim
 
 from filecache import transfer, wire
 from filecache.cache import FifoCache
-from filecache.folder import FileStat, OpenedFile, SharedFolder, Unreadable
+from filecache.folder import FileStat, FolderWalk, OpenedFile, SharedFolder, Unreadable
 from filecache.protocol import FileCacheFactory, FileCacheProtocol
 from filecache.server import FileCacheServer
 
@@ -134,7 +134,9 @@ def start(
 ) -> tuple[FileCacheServer, FileCacheFactory, Clock]:
     if isinstance(folder, Path):
         folder = SharedFolder(str(folder))
-    server = FileCacheServer(folder, FifoCache(capacity))
+    # No per-entry overhead here: these tests count the budget in content
+    # bytes; tests/test_cache.py pins the overhead.
+    server = FileCacheServer(folder, FifoCache(capacity, entry_overhead=0))
     clock = Clock()
     factory = FileCacheFactory(server, clock=clock, access_log=access_log)
     return server, factory, clock
@@ -294,8 +296,19 @@ def parse_rows(reply: bytes) -> list[bytes]:
     """The rows of an C{OK <n>} reply, checking that n matches."""
     assert reply.endswith(b"\r\n")
     status, *rows = reply[:-2].split(b"\r\n")
+    if status == b"OK":
+        end = rows.pop()
+        assert end == b"END %d" % (len(rows),)
+        return rows
     assert status == b"OK %d" % (len(rows),)
     return rows
+
+
+def sorted_list(reply: bytes) -> bytes:
+    """A LIST reply with its rows sorted by path, to compare with a literal."""
+    status, *rows, end = reply[:-2].split(b"\r\n")
+    rows.sort(key=lambda row: wire.unquote_path(row.split(b" ")[3]).encode("utf-8"))
+    return b"\r\n".join([status, *rows, end]) + b"\r\n"
 
 
 def parse_stats(reply: bytes) -> dict[str, int]:
@@ -303,8 +316,9 @@ def parse_stats(reply: bytes) -> dict[str, int]:
     stats = {}
     for row in rows:
         key, value = row.split(b" ")
-        stats[key.decode()] = int(value)
-    assert len(stats) == len(rows), "duplicate STATS keys"
+        if key != b"version":
+            stats[key.decode()] = int(value)
+    assert len(stats) == len(rows) - 1, "duplicate STATS keys"
     return stats
 
 
@@ -346,11 +360,11 @@ def access(event: dict[str, Any]) -> tuple[Any, ...]:
 
 def test_list_rows_format_and_byte_order(root: Path) -> None:
     """
-    LIST sends one `<size> <mtime> - <path>` row per shared regular file,
-    recursively, percent-encoded, sorted by the path's UTF-8 bytes (so
-    `sub-a` < `sub/x` < `sub0`, upper case before lower, `é` last); hidden
-    files, directories, FIFOs and symlinks leading outside are left out,
-    and a symlink inside is listed with its target's size and mtime.
+    LIST sends `OK`, one `<size> <mtime> - <path>` row per shared regular
+    file, recursively, percent-encoded, in the walk's order, then `END <n>`;
+    hidden files, directories, FIFOs and symlinks leading outside are left
+    out, and a symlink inside is listed with its target's size and mtime.
+    (Sorted here by the path's UTF-8 bytes to compare.)
     """
     sizes = {
         "b.txt": 3, "a.txt": 4, "B.txt": 5, "my notes.txt": 6, "é.txt": 7,
@@ -368,10 +382,10 @@ def test_list_rows_format_and_byte_order(root: Path) -> None:
     _, factory, _ = start(root)
     proto, transport = connect(factory)
 
-    out = ask(proto, transport, b"LIST\r\n")
+    out = sorted_list(ask(proto, transport, b"LIST\r\n"))
 
     assert out == (
-        b"OK 9\r\n"
+        b"OK\r\n"
         b"5 %d - B.txt\r\n" % (MTIME + 2,)
         + b"4 %d - a.txt\r\n" % (MTIME + 1,)
         + b"3 %d - b.txt\r\n" % (MTIME + 0,)
@@ -381,6 +395,7 @@ def test_list_rows_format_and_byte_order(root: Path) -> None:
         + b"8 %d - sub/x.txt\r\n" % (MTIME + 5,)
         + b"10 %d - sub0.txt\r\n" % (MTIME + 7,)
         + b"7 %d - %%C3%%A9.txt\r\n" % (MTIME + 4,)
+        + b"END 9\r\n"
     )
 
 
@@ -400,9 +415,11 @@ def test_list_marks_cached_files_with_c_until_they_change(root: Path) -> None:
     put(root, "a.txt", b"AAAA", MTIME_NS + 5_000_000_000)
     changed = ask(proto, transport, b"LIST\r\n")
 
-    assert before == b"OK 2\r\n4 %d - a.txt\r\n3 %d - b.txt\r\n" % (MTIME, MTIME)
-    assert cached == b"OK 2\r\n4 %d C a.txt\r\n3 %d - b.txt\r\n" % (MTIME, MTIME)
-    assert changed == b"OK 2\r\n4 %d - a.txt\r\n3 %d - b.txt\r\n" % (MTIME + 5, MTIME)
+    assert sorted_list(before) == b"OK\r\n4 %d - a.txt\r\n3 %d - b.txt\r\nEND 2\r\n" % (MTIME, MTIME)
+    assert sorted_list(cached) == b"OK\r\n4 %d C a.txt\r\n3 %d - b.txt\r\nEND 2\r\n" % (MTIME, MTIME)
+    assert sorted_list(changed) == (
+        b"OK\r\n4 %d - a.txt\r\n3 %d - b.txt\r\nEND 2\r\n" % (MTIME + 5, MTIME)
+    )
 
 
 def test_list_cached_is_oldest_first_and_fifo(root: Path) -> None:
@@ -418,18 +435,18 @@ def test_list_cached_is_oldest_first_and_fifo(root: Path) -> None:
     _, factory, _ = start(root, capacity=12)
     proto, transport = connect(factory)
 
-    assert ask(proto, transport, b"LIST CACHED\r\n") == b"OK 0\r\n"
+    assert ask(proto, transport, b"LIST CACHED\r\n") == b"OK\r\nEND 0\r\n"
     ask(proto, transport, b"GET c.txt\r\nGET a.txt\r\nGET b.txt\r\nGET c.txt\r\n")
     three = ask(proto, transport, b"LIST CACHED\r\n")
     ask(proto, transport, b"GET d.txt\r\n")
     evicted = ask(proto, transport, b"list cached\r\n")
 
     assert three == (
-        b"OK 3\r\n3 %d C c.txt\r\n4 %d C a.txt\r\n5 %d C b.txt\r\n"
+        b"OK\r\n3 %d C c.txt\r\n4 %d C a.txt\r\n5 %d C b.txt\r\nEND 3\r\n"
         % (MTIME, MTIME + 1, MTIME + 2)
     )
     assert evicted == (
-        b"OK 3\r\n4 %d C a.txt\r\n5 %d C b.txt\r\n2 %d C d.txt\r\n"
+        b"OK\r\n4 %d C a.txt\r\n5 %d C b.txt\r\n2 %d C d.txt\r\nEND 3\r\n"
         % (MTIME + 1, MTIME + 2, MTIME + 3)
     )
     stats = stats_of(factory)
@@ -440,16 +457,29 @@ def test_list_cached_is_oldest_first_and_fifo(root: Path) -> None:
 def test_list_error_when_the_folder_cannot_be_listed(root: Path) -> None:
     """A LIST that fails in the folder layer is `ERR unavailable` and the connection goes on."""
 
+    put(root, "a.txt", b"a")
+
     class Broken(SharedFolder):
-        def scan(self) -> list[tuple[bytes, int, int, int]]:
-            raise OSError(5, "Input/output error")
+        def walk(self, **bounds: int) -> FolderWalk:
+            walk = super().walk(**bounds)
+
+            def fail(*args: object, **kw: object) -> None:
+                raise OSError(5, "Input/output error")
+
+            walk.next_rows = fail  # type: ignore[method-assign]
+            return walk
 
     _, factory, _ = start(Broken(str(root)))
     proto, transport = connect(factory)
 
     out = ask(proto, transport, b"LIST\r\nLIST CACHED\r\n")
 
-    assert out == b"ERR unavailable cannot list the shared folder\r\nOK 0\r\n"
+    # The status line has gone out before the walk fails: an ERR line takes
+    # the place of END, and the connection goes on.
+    assert out == (
+        b"OK\r\nERR unavailable listing stopped: cannot list the shared folder\r\n"
+        b"OK\r\nEND 0\r\n"
+    )
 
 
 # STATS and QUIT
@@ -457,7 +487,7 @@ def test_list_error_when_the_folder_cannot_be_listed(root: Path) -> None:
 
 def test_stats_keys_and_counters(root: Path) -> None:
     """
-    STATS sends `OK 10` and the ten documented keys with exact values:
+    STATS sends `OK 14` and the documented keys with exact values:
     hits/misses/bytes_sent/requests follow GETs, and connections_active /
     connections_total follow connections opening and closing.
     """
@@ -475,7 +505,7 @@ def test_stats_keys_and_counters(root: Path) -> None:
     zero = {
         "cache_bytes": 0, "cache_capacity": 1000, "cache_files": 0, "hits": 0,
         "misses": 0, "evictions": 0, "connections_active": 1, "connections_total": 1,
-        "bytes_sent": 0, "requests": 1,
+        "bytes_sent": 0, "requests": 1, "uptime_seconds": 0, "worker": 0, "pid": os.getpid(),
     }
     assert first == zero
     assert second == dict(zero, cache_bytes=4, cache_files=1, hits=1, misses=1,
@@ -494,7 +524,7 @@ def test_quit_closes_without_a_reply(root: Path) -> None:
 
     proto.dataReceived(b"LIST CACHED\r\nquit\r\nSTATS\r\n")
 
-    assert transport.value() == b"OK 0\r\n"
+    assert transport.value() == b"OK\r\nEND 0\r\n"
     assert transport.disconnecting is True
     assert transport.disconnected is False
     assert factory.server.counters.connections_active == 0
@@ -650,7 +680,7 @@ def test_get_offset_past_the_end_is_bad_request(root: Path, size: int) -> None:
     )
 
     past = b"ERR bad-request offset past the end of the file\r\n"
-    assert out == past + past + b"OK 0\r\n"
+    assert out == past + past + b"OK\r\nEND 0\r\n"
     assert transport.disconnecting is False
 
 
@@ -696,7 +726,7 @@ def test_file_larger_than_cache_is_served_whole_and_never_cached(
     cached = ask(proto, transport, b"LIST CACHED\r\n")
 
     assert first == second == get_reply(data, version_of(path))
-    assert cached == b"OK 0\r\n"
+    assert cached == b"OK\r\nEND 0\r\n"
     stats = stats_of(factory)
     assert (stats["hits"], stats["misses"], stats["cache_files"], stats["cache_bytes"]) == (
         0, 2, 0, 0,
@@ -726,7 +756,7 @@ def test_file_changed_between_gets_is_served_fresh(root: Path, size: int) -> Non
     assert v1 != v2
     assert first == get_reply(old, v1)
     assert second == third == get_reply(new, v2)
-    assert cached == b"OK 1\r\n%d %d C f.bin\r\n" % (size, MTIME + 7)
+    assert cached == b"OK\r\n%d %d C f.bin\r\nEND 1\r\n" % (size, MTIME + 7)
     stats = stats_of(factory)
     assert (stats["hits"], stats["misses"], stats["evictions"]) == (1, 2, 1)
     assert (stats["cache_files"], stats["cache_bytes"]) == (1, size)
@@ -753,7 +783,8 @@ def test_get_of_a_file_changing_while_read_inline_is_unavailable(root: Path) -> 
     out = ask(proto, transport, b"GET f.bin\r\nLIST CACHED\r\n")
 
     assert out == (
-        b"ERR unavailable cannot read file: file changed while being read\r\nOK 0\r\n"
+        b"ERR unavailable cannot read file: file changed while being read; try again\r\n"
+        b"OK\r\nEND 0\r\n"
     )
     assert open_fds() == fds
 
@@ -779,7 +810,7 @@ def test_unreadable_and_internal_errors_are_unavailable(root: Path) -> None:
     assert out == (
         b"ERR unavailable cannot read file: Too many open files\r\n"
         b"ERR unavailable internal error\r\n"
-        b"OK 0\r\n"
+        b"OK\r\nEND 0\r\n"
     )
 
 
@@ -898,7 +929,7 @@ def test_malformed_requests_are_bad_request(
 
     out = ask(proto, transport, line + b"\r\nLIST CACHED\r\n")
 
-    assert out == b"ERR bad-request " + message + b"\r\nOK 0\r\n"
+    assert out == b"ERR bad-request " + message + b"\r\nOK\r\nEND 0\r\n"
     assert transport.disconnecting is False
 
 
@@ -938,7 +969,7 @@ def test_too_long_line_is_refused_and_closes(root: Path, data: bytes, protocol_e
 
     proto.dataReceived(b"LIST CACHED\r\n" + data)
 
-    assert transport.value() == b"OK 0\r\n" + TOO_LONG
+    assert transport.value() == b"OK\r\nEND 0\r\n" + TOO_LONG
     assert transport.disconnecting is True
     assert transport.disconnected is False
     assert [e["status"] for e in access_events(protocol_events)] == ["OK", "ERR too-long"]
@@ -961,7 +992,7 @@ def test_line_of_exactly_4096_bytes_is_served(root: Path) -> None:
 
     out = ask(proto, transport, line + b"\r\nSTATS\r\n")
 
-    assert out.startswith(get_reply(data, version_of(path)) + b"OK 10\r\n")
+    assert out.startswith(get_reply(data, version_of(path)) + b"OK 14\r\n")
     assert transport.disconnecting is False
 
 
@@ -981,7 +1012,7 @@ def test_pipelined_requests_are_answered_in_order(hostile: Path) -> None:
     head = (
         get_reply(SMALL, version_of(hostile / "small.txt"))
         + NOT_FOUND
-        + b"OK 1\r\n%d %d C small.txt\r\n" % (len(SMALL), MTIME)
+        + b"OK\r\n%d %d C small.txt\r\nEND 1\r\n" % (len(SMALL), MTIME)
         + get_reply(b"ner\n", version_of(hostile / "sub/inner.txt"))
     )
     assert out[: len(head)] == head
@@ -1130,9 +1161,11 @@ def test_file_changed_while_streamed_is_cut_off(
     assert server.cache.peek("big.bin") is None
     assert len(server.cache) == 0
     assert open_fds() == fds
+    # The log and bytes_sent count the body bytes that went out (item 13).
     assert [access(e) for e in access_events(protocol_events)] == [
-        ("127.0.0.1:12345", "GET big.bin", "cut", BIG_SIZE, "miss")
+        ("127.0.0.1:12345", "GET big.bin", "cut", len(sent), "miss")
     ]
+    assert server.counters.bytes_sent == len(sent)
     assert stats_of(factory)["cache_files"] == 0
 
 
@@ -1157,9 +1190,11 @@ def test_client_leaving_mid_stream_from_disk(root: Path, protocol_events: list) 
     assert during == fds + 1
     assert open_fds() == fds
     assert server.counters.connections_active == 0
-    assert server.counters.bytes_sent == 0
+    # The one chunk handed to the transport before the peer left counts.
+    assert server.counters.bytes_sent == transfer.FILE_CHUNK
     assert len(server.cache) == 0
     assert [e["status"] for e in access_events(protocol_events)] == ["cut"]
+    assert [e["size"] for e in access_events(protocol_events)] == [transfer.FILE_CHUNK]
     assert [e for e in protocol_events if "log_failure" in e] == []
 
     again, t2 = connect(factory)  # the fill reservation was released too
@@ -1207,17 +1242,20 @@ def test_access_log_one_event_per_reply(hostile: Path, protocol_events: list) ->
     _, factory, _ = start(hostile)
     proto, transport = connect(factory)
 
-    ask(
+    out = ask(
         proto, transport,
         b"GET small.txt\r\nGET small.txt 3\r\nGET nope\nLIST\r\nSTATS\r\nFOO\r\nQUIT\r\n",
     )
+    start_of_rows = out.index(b"OK\r\n") + 4
+    listing = out[start_of_rows : out.index(b"END ", start_of_rows)]
 
     events = access_events(protocol_events)
     assert [access(e) for e in events] == [
         ("127.0.0.1:12345", "GET small.txt", "OK", len(SMALL), "miss"),
         ("127.0.0.1:12345", "GET small.txt 3", "OK", len(SMALL) - 3, "hit"),
         ("127.0.0.1:12345", "GET nope", "ERR not-found", 0, "-"),
-        ("127.0.0.1:12345", "LIST", "OK", 0, "-"),
+        # A LIST logs the bytes of its rows and END line.
+        ("127.0.0.1:12345", "LIST", "OK", len(listing) + len(b"END 3\r\n"), "-"),
         ("127.0.0.1:12345", "STATS", "OK", 0, "-"),
         ("127.0.0.1:12345", "FOO", "ERR bad-request", 0, "-"),
     ]
@@ -1338,8 +1376,18 @@ def check_reply(out: bytes, pos: int, line: bytes, root: Path) -> int:
         code = status.split(b" ")[1].decode()
         assert code in (wire.NOT_FOUND, wire.BAD_REQUEST), (line, status)
         return pos
-    assert status.startswith(b"OK "), (line, status)
     request = wire.parse_request(line)
+    if status == b"OK":
+        assert isinstance(request, wire.ListRequest), (line, status)
+        rows = 0
+        while True:
+            row, pos = take_line(out, pos)
+            if row.startswith(b"END "):
+                assert int(row[4:]) == rows
+                return pos
+            wire.parse_list_row(row)
+            rows += 1
+    assert status.startswith(b"OK "), (line, status)
     if isinstance(request, wire.GetRequest):
         size_text, version = status[3:].split(b" ")
         size = int(size_text)

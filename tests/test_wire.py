@@ -34,10 +34,13 @@ from filecache.wire import (
     parse_count,
     parse_end,
     parse_get_status,
+    parse_list_end,
     parse_list_row,
     parse_request,
     parse_stats_row,
     parse_status,
+    printable,
+    printable_bytes,
     quote_path,
     split_path,
     unquote_path,
@@ -447,15 +450,18 @@ def test_format_get_status_and_end() -> None:
 
 
 def test_format_list_exact_bytes() -> None:
-    """format_list writes OK <n> then <size> <mtime> <C|-> <quoted path> rows, all CRLF-ended."""
+    """
+    format_list writes OK, then <size> <mtime> <C|-> <quoted path> rows, then
+    END <n>, all CRLF-ended.
+    """
     rows = [
         ListRow(22, 1795317618, False, "hello.txt"),
         ListRow(23, 1795317618, True, "my notes.txt"),
     ]
     assert format_list(rows) == (
-        b"OK 2\r\n22 1795317618 - hello.txt\r\n23 1795317618 C my%20notes.txt\r\n"
+        b"OK\r\n22 1795317618 - hello.txt\r\n23 1795317618 C my%20notes.txt\r\nEND 2\r\n"
     )
-    assert format_list([]) == b"OK 0\r\n"
+    assert format_list([]) == b"OK\r\nEND 0\r\n"
 
 
 def test_format_stats_exact_bytes() -> None:
@@ -593,12 +599,39 @@ list_rows = st.builds(
 @FAST
 @given(st.lists(list_rows, max_size=10))
 def test_list_round_trip(rows: list[ListRow]) -> None:
-    """Parsing the lines of format_list gives back the count and every row, in order."""
+    """Parsing the lines of format_list gives back every row, in order, and END's count."""
     lines = _lines(format_list(rows))
-    assert parse_count(parse_status(lines[0])) == len(rows)
-    assert [parse_list_row(line) for line in lines[1:]] == rows
+    assert parse_status(lines[0]) == Status(ok=True, fields=())
+    assert parse_list_end(lines[-1]) == len(rows)
+    assert [parse_list_end(line) for line in lines[1:-1]] == [None] * len(rows)
+    assert [parse_list_row(line) for line in lines[1:-1]] == rows
     # A client that kept the CR parses the same.
-    assert [parse_list_row(line + b"\r") for line in lines[1:]] == rows
+    assert [parse_list_row(line + b"\r") for line in lines[1:-1]] == rows
+    assert parse_list_end(lines[-1] + b"\r") == len(rows)
+
+
+@pytest.mark.parametrize("line", [b"END", b"END ", b"END x", b"END -1", b"END 1 2", b"ENDS 1"])
+def test_parse_list_end_malformed(line: bytes) -> None:
+    """A line that starts like END but is not END <n> raises WireError."""
+    with pytest.raises(WireError):
+        parse_list_end(line)
+
+
+def test_stats_text_values() -> None:
+    """STATS rows may carry a text value (version); it round-trips, integers stay integers."""
+    reply = format_stats([("version", "0.2.0"), ("hits", -3)])
+    lines = _lines(reply)
+    assert [parse_stats_row(line) for line in lines[1:]] == [("version", "0.2.0"), ("hits", -3)]
+
+
+def test_printable_escapes_what_could_move_a_cursor() -> None:
+    """printable() turns control characters, DEL and stray bytes into visible escapes."""
+    assert printable("plain é ✓") == "plain é ✓"
+    assert printable("a\x1b[1A\x1b[2K\rb\n\x7f") == "a\\x1b[1A\\x1b[2K\\x0db\\x0a\\x7f"
+    assert printable("back\\slash") == "back\\\\slash"
+    assert printable_bytes(b"ok \xff\x9b1A") == "ok \\xff\\x9b1A"
+    for text in ("\x1b]0;title\x07", "\u2028", "\u202e"):
+        assert printable(text).isprintable()
 
 
 def test_parse_list_row_example() -> None:
@@ -660,13 +693,10 @@ def test_stats_round_trip(stats: list[tuple[str, int]]) -> None:
         b"\r",
         b"hits",
         b"hits ",
-        b"hits x",
         b" 5",
         b"hits 1 2",
-        b"hits 1.0",
-        b"hits -",
-        b"hits --1",
-        b"hits 1-",
+        b"hits \x1b",
+        b"hits \xff",
     ],
 )
 def test_parse_stats_row_malformed(line: bytes) -> None:

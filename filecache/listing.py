@@ -1,0 +1,177 @@
+"""
+A LIST reply's body: rows produced a bounded step at a time in the disk
+threads, as fast as the client takes them, and never more than that.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from filecache import wire
+from filecache.diskwork import BlockingRunner
+from filecache.folder import FolderWalk, WalkTooLarge
+
+
+@dataclass(frozen=True)
+class ListResult:
+    """
+    How a LIST body ended.
+
+    @ivar rows: rows sent.
+    @ivar sent: bytes written, the closing line included.
+    @ivar error: what went wrong if the listing ended with an C{ERR} line.
+    """
+
+    rows: int
+    sent: int
+    error: str | None = None
+
+
+def _nothing() -> None:
+    pass
+
+
+@implementer(IPushProducer)
+class ListBody:
+    """
+    Streams the rows of a walk of the shared folder, then C{END <n>}; or,
+    if the walk fails or passes its bounds, C{ERR unavailable ...} in place
+    of C{END}.  Registered as the transport's push producer: while the
+    transport is paused no step is asked for, so an unread listing holds one
+    step of rows and the walk's descriptors, whatever the folder's size.
+
+    @param marked: whether a file (UTF-8 path, stat) is in the cache now;
+        called in a disk thread.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        walk: FolderWalk,
+        marked: Callable[[bytes, os.stat_result], bool],
+        run_blocking: BlockingRunner,
+        max_rows: int = wire.MAX_LIST_ROWS,
+    ) -> None:
+        self._walk = walk
+        self._marked = marked
+        self._run_blocking = run_blocking
+        self._max_rows = max_rows
+        self._consumer: IConsumer | None = None
+        self._on_progress: Callable[[], object] = _nothing
+        self._done: Deferred[ListResult] | None = None
+        self._step: Deferred[list[bytes] | None] | None = None
+        self._paused = False
+        self._closed = False
+        self._rows = 0
+        self._sent = 0
+
+    def send(
+        self, consumer: IConsumer, on_progress: Callable[[], object] = _nothing
+    ) -> Deferred[ListResult]:
+        """
+        Write the rows and the closing line to C{consumer}.  Fires with a
+        L{ListResult}; fails with L{filecache.transfer.TransferFailed} if
+        the consumer stops us (the connection was lost).
+        """
+        self._consumer = consumer
+        self._on_progress = on_progress
+        done: Deferred[ListResult] = Deferred()
+        self._done = done
+        consumer.registerProducer(self, True)
+        self._next()
+        return done
+
+    # The walk, a step at a time
+
+    def _row(self, path: bytes, st: os.stat_result) -> bytes:
+        return wire.format_list_row(path, st.st_size, st.st_mtime_ns // 1_000_000_000, self._marked(path, st))
+
+    def _produce(self) -> list[bytes] | None:
+        return self._walk.next_rows(self._row)
+
+    def _next(self) -> None:
+        if self._paused or self._step is not None or self._done is None or self._closed:
+            return
+        step = self._run_blocking(self._produce)
+        self._step = step
+        step.addCallbacks(self._got, self._failed)
+
+    def _got(self, rows: list[bytes] | None) -> None:
+        self._step = None
+        if self._done is None:
+            self._close()
+            return
+        if rows is None:
+            self._finish(wire.format_list_end(self._rows), None)
+            return
+        self._rows += len(rows)
+        if self._rows > self._max_rows:
+            self._finish_error(f"more than {self._max_rows} files")
+            return
+        if rows:
+            data = b"".join(rows)
+            self._sent += len(data)
+            assert self._consumer is not None
+            self._consumer.write(data)
+        self._next()
+
+    def _failed(self, reason: Failure) -> None:
+        self._step = None
+        if self._done is None or reason.check(CancelledError):
+            self._close()
+            return
+        if reason.check(WalkTooLarge):
+            self._finish_error(str(reason.value))
+            return
+        if not reason.check(OSError):
+            self._log.failure("listing the shared folder", reason)
+        self._finish_error("cannot list the shared folder")
+
+    def _finish_error(self, text: str) -> None:
+        self._finish(wire.format_error(wire.UNAVAILABLE, f"listing stopped: {text}"), text)
+
+    def _finish(self, line: bytes, error: str | None) -> None:
+        self._close()
+        done, self._done = self._done, None
+        consumer = self._consumer
+        assert done is not None and consumer is not None
+        consumer.unregisterProducer()
+        consumer.write(line)
+        self._sent += len(line)
+        done.callback(ListResult(self._rows, self._sent, error))
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._walk.close()
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._on_progress()
+        self._next()
+
+    def stopProducing(self) -> None:
+        from filecache.transfer import TransferFailed
+
+        done, self._done = self._done, None
+        if self._step is not None:
+            # A step not yet started is dropped unrun; one under way closes
+            # the walk's descriptors itself when it returns.
+            self._step.cancel()
+        self._close()
+        if done is not None:
+            done.errback(Failure(TransferFailed("connection lost", self._sent)))
