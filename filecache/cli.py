@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from filecache import __version__
+from filecache import __version__, wire
 from filecache.client import (
     BrokenReply,
     ConnectionLostEarly,
@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="give up on connecting, or on a server that sends nothing, "
-        "after this long (default 30; 0 waits forever)",
+        help="give up on connecting, on a server silent this long, or on a "
+        "reply that brings under 16 KiB in this long (default 30; 0 waits forever)",
     )
     parser.add_argument(
         "--retries",
@@ -249,7 +249,9 @@ async def connect(reactor: Any, inv: Invocation, err: IO[str]) -> FileCacheClien
     return protocol
 
 
-def print_listing(rows: Sequence[Any], as_json: bool, out: IO[str]) -> None:
+def print_listing(rows: Sequence[wire.ListRow], as_json: bool, out: IO[str]) -> None:
+    """The listing, sorted by path (by its UTF-8 bytes, as the daemon once did)."""
+    rows = sorted(rows, key=lambda r: r.path.encode("utf-8"))
     if as_json:
         data = [
             {"path": r.path, "size": r.size, "mtime": r.mtime, "cached": r.cached}
@@ -269,7 +271,7 @@ def print_listing(rows: Sequence[Any], as_json: bool, out: IO[str]) -> None:
     out.write(f"{len(rows)} files, {human_size(total)}, {cached} cached\n")
 
 
-def print_stats(stats: Sequence[tuple[str, int]], as_json: bool, out: IO[str]) -> None:
+def print_stats(stats: Sequence[tuple[str, wire.StatValue]], as_json: bool, out: IO[str]) -> None:
     if as_json:
         json.dump(dict(stats), out, indent=1)
         out.write("\n")

@@ -63,6 +63,18 @@ class Download:
     digest: str
 
 
+MAX_LIST_BYTES = 128 * 1024 * 1024
+"""The most bytes of rows a LIST reply may hold, beside its
+L{wire.MAX_LIST_ROWS} rows: together they bound the client's memory."""
+
+MAX_STATS_ROWS = 10_000
+"""The most rows a STATS reply may announce (a daemon sends a few dozen)."""
+
+MIN_PROGRESS = 16 * 1024
+"""Once a reply's status line is in, every C{timeout} window must bring at
+least this many bytes of it, or its end."""
+
+
 class _Operation:
     """One request in flight: it consumes reply lines (and raw bytes)."""
 
@@ -78,23 +90,70 @@ class _Operation:
         raise BrokenReply("unexpected raw data")
 
 
-class _Rows(_Operation):
-    """LIST and STATS: C{OK <n>} then n rows."""
+def _ok(line: bytes) -> wire.Status:
+    """The status line of a reply: its fields if OK, else L{ServerError}."""
+    status = wire.parse_status(line)
+    if not status.ok:
+        raise ServerError(status.code, status.message)
+    return status
 
-    def __init__(self, parse_row: Callable[[bytes], Any]) -> None:
+
+class _List(_Operation):
+    """
+    LIST: C{OK}, rows, C{END <n>}.  An C{ERR} line in place of C{END} means
+    the listing failed part-way: the rows so far are dropped and the request
+    fails with that error.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
-        self._parse_row = parse_row
+        self._started = False
+        self._rows: list[wire.ListRow] = []
+        self._bytes = 0
+
+    def line(self, client: FileCacheClientProtocol, line: bytes) -> bool:
+        if not self._started:
+            if _ok(line).fields:
+                raise BrokenReply("malformed LIST status line (expected OK alone)")
+            self._started = True
+            return False
+        count = wire.parse_list_end(line)
+        if count is not None:
+            if count != len(self._rows):
+                raise BrokenReply(
+                    f"the LIST reply ends with END {count} after {len(self._rows)} rows"
+                )
+            self.deferred.callback(self._rows)
+            return True
+        if line.startswith(b"ERR "):
+            self._rows = []  # a listing cut short is no listing
+            _ok(line)
+        if len(self._rows) >= wire.MAX_LIST_ROWS:
+            raise BrokenReply(f"the LIST reply holds more than {wire.MAX_LIST_ROWS:,} rows")
+        self._bytes += len(line) + 1  # and its \n
+        if self._bytes > MAX_LIST_BYTES:
+            raise BrokenReply(
+                f"the LIST reply holds more than {MAX_LIST_BYTES // (1024 * 1024)} MiB of rows"
+            )
+        self._rows.append(wire.parse_list_row(line))
+        return False
+
+
+class _Stats(_Operation):
+    """STATS: C{OK <n>} then n C{<key> <value>} rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self._expected: int | None = None
-        self._rows: list[Any] = []
+        self._rows: list[tuple[str, wire.StatValue]] = []
 
     def line(self, client: FileCacheClientProtocol, line: bytes) -> bool:
         if self._expected is None:
-            status = wire.parse_status(line)
-            if not status.ok:
-                raise ServerError(status.code, status.message)
-            self._expected = wire.parse_count(status)
+            self._expected = wire.parse_count(_ok(line))
+            if self._expected > MAX_STATS_ROWS:
+                raise BrokenReply(f"the STATS reply announces more than {MAX_STATS_ROWS:,} rows")
         else:
-            self._rows.append(self._parse_row(line))
+            self._rows.append(wire.parse_stats_row(line))
         if len(self._rows) == self._expected:
             self.deferred.callback(self._rows)
             return True
@@ -114,10 +173,7 @@ class _Hash(_Operation):
     """HASH: one status line."""
 
     def line(self, client: FileCacheClientProtocol, line: bytes) -> bool:
-        status = wire.parse_status(line)
-        if not status.ok:
-            raise ServerError(status.code, status.message)
-        self.deferred.callback(FileHash(*wire.parse_hash_status(status)))
+        self.deferred.callback(FileHash(*wire.parse_hash_status(_ok(line))))
         return True
 
 
@@ -134,10 +190,7 @@ class _Get(_Operation):
 
     def line(self, client: FileCacheClientProtocol, line: bytes) -> bool:
         if self._size < 0:
-            status = wire.parse_status(line)
-            if not status.ok:
-                raise ServerError(status.code, status.message)
-            self._size, self._version = wire.parse_get_status(status)
+            self._size, self._version = wire.parse_get_status(_ok(line))
             self._left = self._size
             self._sink.begin(self._size, self._version)
             if self._left:
@@ -166,13 +219,70 @@ class _Get(_Operation):
         return self._size - self._left if self._size >= 0 else 0
 
 
+class _Pace:
+    """
+    What C{--timeout} bounds beyond silence: a reply's status line must be
+    whole within C{period} of its request, and from then on every C{period}
+    must bring at least L{MIN_PROGRESS} bytes of the reply, or its end.  A
+    server that sends a byte now and then resets a silence timer for ever;
+    this one it cannot.
+    """
+
+    def __init__(
+        self,
+        call_later: Callable[[float, Callable[[], object]], IDelayedCall],
+        period: float | None,
+        give_up: Callable[[str], None],
+    ) -> None:
+        self._call_later = call_later
+        self._period = period
+        self._give_up = give_up
+        self._call: IDelayedCall | None = None
+        self._bytes = 0
+
+    def request_sent(self) -> None:
+        self._start(self._no_status)
+
+    def status_received(self) -> None:
+        self._start(self._window_ended)
+
+    def received(self, count: int) -> None:
+        self._bytes += count
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _start(self, then: Callable[[], None]) -> None:
+        self.stop()
+        self._bytes = 0
+        if self._period is not None:
+            self._call = self._call_later(self._period, then)
+
+    def _no_status(self) -> None:
+        self._call = None
+        self._give_up("timed out waiting for the server")
+
+    def _window_ended(self) -> None:
+        self._call = None
+        if self._bytes < MIN_PROGRESS:
+            self._give_up(
+                f"the server is too slow: under {MIN_PROGRESS // 1024} KiB "
+                f"in {self._period:g} s"
+            )
+            return
+        self._start(self._window_ended)
+
+
 class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
     """
     A connection to a filecache daemon.  Requests are sent one at a time;
     each method returns a Deferred of the parsed reply.
 
     @param timeout: seconds without a byte from the server, while a reply is
-        awaited, after which the connection is aborted (C{None}: wait forever).
+        awaited, after which the connection is aborted; also the window of
+        L{_Pace}'s rule (C{None}: wait forever).
     """
 
     delimiter = b"\n"
@@ -189,6 +299,8 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         self.closed: Deferred[None] = Deferred()
         """Fires when the connection is gone."""
         self._clock = clock
+        self._pace = _Pace(self.callLater, timeout, self._give_up)
+        self._status_seen = False
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
         # TimeoutMixin's timer runs on the injected clock, if there is one.
@@ -200,10 +312,10 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
     # Requests
 
     def list(self, cached: bool = False) -> Deferred[list[wire.ListRow]]:
-        return self._request(wire.ListRequest(cached), _Rows(wire.parse_list_row))
+        return self._request(wire.ListRequest(cached), _List())
 
-    def stats(self) -> Deferred[builtins.list[tuple[str, int]]]:
-        return self._request(wire.StatsRequest(), _Rows(wire.parse_stats_row))
+    def stats(self) -> Deferred[builtins.list[tuple[str, wire.StatValue]]]:
+        return self._request(wire.StatsRequest(), _Stats())
 
     def hash(self, path: str) -> Deferred[FileHash]:
         return self._request(wire.HashRequest(path), _Hash())
@@ -235,8 +347,16 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         if self._current is not None or not self._queue:
             return
         data, self._current = self._queue.popleft()
+        self._status_seen = False
         self.setTimeout(self._timeout)
+        self._pace.request_sent()
         self.transport.write(data)
+
+    def _reply_done(self) -> None:
+        self._current = None
+        self.setTimeout(None)
+        self._pace.stop()
+        self._next()
 
     # Replies
 
@@ -251,23 +371,24 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         op = self._current
         if op is None:
             return self._fail(BrokenReply("reply line with no request outstanding"))
+        if self._status_seen:
+            self._pace.received(len(line) + 1)
+        else:
+            self._status_seen = True
+            self._pace.status_received()
         try:
             done = op.line(self, line)
         except ServerError as e:
             # An ERR reply ends that request; the connection stays usable.
-            self._current = None
-            self.setTimeout(None)
+            self._reply_done()
             op.deferred.errback(Failure(e))
-            self._next()
             return
         except wire.WireError as e:
             return self._fail(BrokenReply(f"malformed reply from server: {e.message}"))
         except Exception as e:  # noqa: BLE001 - any other error breaks the connection
             return self._fail(e)
         if done:
-            self._current = None
-            self.setTimeout(None)
-            self._next()
+            self._reply_done()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._failed is not None:
@@ -275,6 +396,7 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         op = self._current
         if op is None:
             return self._fail(BrokenReply("unexpected data from server"))
+        self._pace.received(len(data))
         try:
             rest = op.raw(self, data)
         except Exception as e:  # noqa: BLE001
@@ -288,14 +410,18 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
 
     def _fail(self, error: Exception) -> None:
         self._failed = Failure(error)
+        self._pace.stop()
         self.transport.abortConnection()
 
+    def _give_up(self, why: str) -> None:
+        self._fail(ConnectionLostEarly(why))
+
     def timeoutConnection(self) -> None:
-        self._failed = Failure(ConnectionLostEarly("timed out waiting for the server"))
-        self.transport.abortConnection()
+        self._give_up("timed out waiting for the server")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
+        self._pace.stop()
         if self._failed is None:
             tls = _tls_error(reason)
             if tls is not None:

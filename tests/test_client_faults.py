@@ -591,9 +591,9 @@ def list_via(server: FakeServer) -> subprocess.CompletedProcess[str]:
     return run_client("127.0.0.1", str(server.port), "list", timeout=30)
 
 
-def test_list_with_fewer_rows_than_announced_is_connection_lost() -> None:
-    """OK 3, one row, then close: exit 3, no partial listing on stdout."""
-    script = {b"LIST": Reply(b"OK 3\r\n5 1700000000 - a.txt\r\n", after="close")}
+def test_list_cut_off_before_its_end_is_connection_lost() -> None:
+    """OK, one row, then close before END <n>: exit 3, no partial listing on stdout."""
+    script = {b"LIST": Reply(b"OK\r\n5 1700000000 - a.txt\r\n", after="close")}
     with FakeServer(script) as server:
         result = list_via(server)
     assert result.returncode == 3
@@ -603,7 +603,7 @@ def test_list_with_fewer_rows_than_announced_is_connection_lost() -> None:
 
 def test_list_with_a_malformed_row_is_integrity_failure() -> None:
     """A LIST row that is not <size> <mtime> <C|-> <path>: exit 4, no listing."""
-    script = {b"LIST": Reply(b"OK 2\r\n5 1700000000 - a.txt\r\nfive yesterday ? b.txt\r\n")}
+    script = {b"LIST": Reply(b"OK\r\n5 1700000000 - a.txt\r\nfive yesterday ? b.txt\r\nEND 2\r\n")}
     with FakeServer(script) as server:
         result = list_via(server)
     assert result.returncode == 4
@@ -611,6 +611,19 @@ def test_list_with_a_malformed_row_is_integrity_failure() -> None:
         PROG + "integrity check failed: malformed reply from server: malformed LIST row"
     ]
     assert result.stdout == ""
+
+
+def test_list_is_printed_sorted_by_path() -> None:
+    """The daemon no longer sorts its rows: the client prints them sorted by path."""
+    rows = b"3 1700000000 - b.txt\r\n1 1700000000 C a/z.txt\r\n2 1700000000 - a.txt\r\n"
+    with FakeServer({b"LIST": Reply(b"OK\r\n" + rows + b"END 3\r\n")}) as server:
+        result = list_via(server)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[-1] for line in result.stdout.splitlines()[1:4]] == [
+        "a.txt",
+        "a/z.txt",
+        "b.txt",
+    ]
 
 
 # FileCacheClientProtocol in memory
@@ -646,7 +659,7 @@ def sent(transport: StringTransport) -> bytes:
     return data
 
 
-LIST_REPLY = b"OK 1\r\n5 1700000000 C a%20b.txt\r\n"
+LIST_REPLY = b"OK\r\n5 1700000000 C a%20b.txt\r\nEND 1\r\n"
 STATS_REPLY = b"OK 2\r\nhits 3\r\nmisses 4\r\n"
 
 
@@ -729,22 +742,24 @@ def test_err_keeps_the_connection_usable() -> None:
 
 def test_timeout_fires_after_n_seconds_of_silence() -> None:
     """
-    With timeout=5 and an injected Clock: no timer while idle, each byte
-    from the server restarts the 5 s, and 5 s of silence aborts the
-    connection and fails the request with ConnectionLostEarly.
+    With timeout=5 and an injected Clock: no timer while idle, a body that
+    keeps coming (16 KiB every 4.9 s, enough for the pace rule) is never
+    cut, and 5 s of silence aborts the connection and fails the request
+    with ConnectionLostEarly.
     """
     clock = Clock()
     proto, transport = connected(timeout=5, clock=clock)
     clock.advance(100)
     assert not transport.disconnecting
 
+    chunk = 16 * 1024
     sink = Sink()
     errors: list[Failure] = []
     proto.get("f.bin", sink).addErrback(errors.append)
     clock.advance(4.9)
-    proto.dataReceived(status(100) + BODY[:10])
+    proto.dataReceived(status(10 * chunk) + b"x" * chunk)
     clock.advance(4.9)
-    proto.dataReceived(BODY[10:20])
+    proto.dataReceived(b"x" * chunk)
     clock.advance(4.9)
     assert not transport.disconnecting
     assert errors == []

@@ -1,0 +1,262 @@
+"""
+The real filecache-client against hostile servers on loopback: a LIST that
+never ends, replies dripped a byte at a time, a listing that fails part-way.
+Each must end in a clear exit status, in bounded time and memory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+from conftest import tool
+from typing_extensions import Self
+
+from filecache import wire
+
+pytestmark = pytest.mark.system
+
+PROG = "filecache-client: "
+VERSION = b"2a-64-18ea3fdc92c71808"
+
+Handler = Callable[[socket.socket, bytes, threading.Event], None]
+
+
+class HostileServer:
+    """
+    A loopback server in a thread: for each connection it reads the first
+    request line and hands the socket to C{handler(conn, line, stopping)},
+    which sends whatever it likes.  As a context manager it always stops its
+    thread; the thread also ends by itself after C{lifetime} seconds.
+    """
+
+    def __init__(self, handler: Handler, lifetime: float = 60.0) -> None:
+        self._handler = handler
+        self._lifetime = lifetime
+        self.stopping = threading.Event()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self._listener.settimeout(0.1)
+        self.port: int = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._run, name="hostile-filecache", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stopping.set()
+        self._thread.join(10)
+        self._listener.close()
+        assert not self._thread.is_alive(), "the hostile server's thread did not stop"
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self._lifetime
+        threading.Timer(self._lifetime, self.stopping.set).start()
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(0.5)
+                line = b""
+                try:
+                    while b"\n" not in line and not self.stopping.is_set():
+                        try:
+                            chunk = conn.recv(4096)
+                        except TimeoutError:
+                            continue
+                        if not chunk:
+                            break
+                        line += chunk
+                    if b"\n" in line:
+                        self._handler(conn, line.partition(b"\n")[0].rstrip(b"\r"), self.stopping)
+                except OSError:
+                    pass
+
+
+def send(conn: socket.socket, data: bytes, stopping: threading.Event) -> bool:
+    """Send C{data}, giving up when the client is gone or the server stops."""
+    view = memoryview(data)
+    while view and not stopping.is_set():
+        try:
+            sent = conn.send(view)
+        except TimeoutError:
+            continue
+        except OSError:
+            return False
+        view = view[sent:]
+    return not view
+
+
+def drip(data: bytes, every: float = 0.5) -> Handler:
+    """A handler that sends C{data} one byte every C{every} seconds."""
+
+    def handler(conn: socket.socket, line: bytes, stopping: threading.Event) -> None:
+        for byte in data:
+            if stopping.wait(every) or not send(conn, bytes([byte]), stopping):
+                return
+
+    return handler
+
+
+def run(
+    port: int, *args: str, timeout: float = 60
+) -> tuple[int, str, str, float, int]:
+    """Run filecache-client; return (status, stdout, stderr, seconds, peak RSS in KiB)."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [tool("filecache-client"), "127.0.0.1", str(port), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    result: dict[str, bytes] = {}
+
+    def read(name: str, stream: object) -> None:
+        result[name] = stream.read()  # type: ignore[attr-defined]
+
+    readers = [
+        threading.Thread(target=read, args=("out", process.stdout)),
+        threading.Thread(target=read, args=("err", process.stderr)),
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = started + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            process.kill()
+            os.wait4(process.pid, 0)
+            pytest.fail(f"the client was still running after {timeout} s")
+        time.sleep(0.05)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    for reader in readers:
+        reader.join(10)
+    elapsed = time.monotonic() - started
+    return (
+        process.returncode,
+        result["out"].decode(errors="replace"),
+        result["err"].decode(errors="replace"),
+        elapsed,
+        usage.ru_maxrss,
+    )
+
+
+# Unbounded replies
+
+
+def endless_list(conn: socket.socket, line: bytes, stopping: threading.Event) -> None:
+    """OK, then rows for ever (never END)."""
+    rows = b"".join(b"1 1700000000 - f%07d\r\n" % i for i in range(10_000))
+    if not send(conn, b"OK\r\n", stopping):
+        return
+    while send(conn, rows, stopping):
+        pass
+
+
+def test_an_endless_list_is_cut_at_max_list_rows() -> None:
+    """
+    A server that sends LIST rows for ever: the client stops at
+    wire.MAX_LIST_ROWS rows with a clear error (exit 4) and no listing,
+    in bounded time and memory (the issue saw 291 to 413 MiB in 6 s, and
+    growing).
+    """
+    with HostileServer(endless_list) as server:
+        status, out, err, seconds, rss_kib = run(server.port, "list", timeout=120)
+    assert status == 4, err
+    assert err.splitlines() == [
+        PROG + f"integrity check failed: the LIST reply holds more than {wire.MAX_LIST_ROWS:,} rows"
+    ]
+    assert out == ""
+    assert rss_kib < 512 * 1024, f"peak RSS {rss_kib} KiB"
+    print(f"endless LIST: cut after {seconds:.1f} s, peak RSS {rss_kib / 1024:.0f} MiB")
+
+
+# Dripped replies
+
+
+def test_a_dripped_status_line_is_bounded_by_the_timeout(tmp_path: Path) -> None:
+    """
+    A GET status line sent one byte every 0.5 s, each byte resetting a
+    silence timer: with --timeout 2 the client gives up about 2 s after
+    its request (exit 3), not when the server is done.
+    """
+    handler = drip(b"OK 100 " + VERSION + b"\r\n" + b"x" * 100)
+    out = tmp_path / "out"
+    with HostileServer(handler) as server:
+        status, _, err, seconds, _ = run(
+            server.port, "get", "f.bin", "-o", str(out), "--timeout", "2", "--retries", "0", timeout=30
+        )
+    assert status == 3, err
+    assert err.splitlines() == [PROG + "f.bin: timed out waiting for the server"]
+    assert 2 <= seconds < 8
+
+
+def test_a_dripped_body_is_cut_as_too_slow_and_its_part_kept(tmp_path: Path) -> None:
+    """
+    A prompt status line, then the body a byte every 0.5 s: with --timeout 2
+    the client gives up after one window (exit 3, "too slow"), keeping what
+    came for a later resume.
+    """
+
+    def handler(conn: socket.socket, line: bytes, stopping: threading.Event) -> None:
+        if send(conn, b"OK 100 " + VERSION + b"\r\n", stopping):
+            drip(b"x" * 100)(conn, line, stopping)
+
+    out = tmp_path / "out"
+    with HostileServer(handler) as server:
+        status, _, err, seconds, _ = run(
+            server.port, "get", "f.bin", "-o", str(out), "--timeout", "2", "--retries", "0", timeout=30
+        )
+    names = sorted(os.listdir(out))
+    assert status == 3, err
+    assert err.splitlines() == [PROG + "f.bin: the server is too slow: under 16 KiB in 2 s"]
+    assert 2 <= seconds < 8
+    assert len(names) == 2  # the partial file and its sidecar
+
+
+def test_dripped_list_rows_are_cut_as_too_slow() -> None:
+    """LIST rows dripped (20 bytes a second): exit 3 within a few --timeout windows, no listing."""
+    handler = drip(b"OK\r\n" + b"1 1700000000 - a.txt\r\n" * 100 + b"END 100\r\n", every=0.05)
+    with HostileServer(handler) as server:
+        status, out, err, seconds, _ = run(server.port, "list", "--timeout", "2", timeout=30)
+    assert status == 3, err
+    assert err.splitlines() == [PROG + "the server is too slow: under 16 KiB in 2 s"]
+    assert out == ""
+    assert seconds < 8
+
+
+# A listing that fails part-way
+
+
+def test_a_listing_that_fails_part_way_prints_no_rows() -> None:
+    """Rows, then ERR unavailable instead of END: exit 1 with the server's error, nothing on stdout."""
+
+    def handler(conn: socket.socket, line: bytes, stopping: threading.Event) -> None:
+        send(conn, b"OK\r\n1 1700000000 - a.txt\r\nERR unavailable scan limit reached\r\n", stopping)
+        stopping.wait(1)
+
+    with HostileServer(handler) as server:
+        status, out, err, _, _ = run(server.port, "list", timeout=30)
+    assert status == 1, err
+    assert err.splitlines() == [PROG + "server error unavailable: scan limit reached"]
+    assert out == ""

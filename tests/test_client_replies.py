@@ -1,0 +1,271 @@
+"""
+FileCacheClientProtocol in memory against replies a daemon should not send:
+the LIST framing (OK, rows, END <n>, or ERR part-way), the caps on LIST and
+STATS replies, and the pace --timeout demands of a reply once it has begun.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from filecache import client as client_module
+from filecache import wire
+from filecache.client import (
+    MIN_PROGRESS,
+    BrokenReply,
+    ConnectionLostEarly,
+    Download,
+    FileCacheClientProtocol,
+    ServerError,
+)
+
+VERSION = "2a-64-18ea3fdc92c71808"
+ROW_A = b"5 1700000000 C a%20b.txt\r\n"
+ROW_B = b"7 1700000001 - sub/c.txt\r\n"
+
+
+class Sink:
+    """A BodySink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def begin(self, size: int, version: str) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def connected(
+    timeout: float | None = None, clock: Clock | None = None
+) -> tuple[FileCacheClientProtocol, StringTransport]:
+    proto = FileCacheClientProtocol(timeout=timeout, clock=clock)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def outcome(d: Any) -> list[Any]:
+    """Collect what C{d} fires with (a result or a Failure)."""
+    seen: list[Any] = []
+    d.addBoth(seen.append)
+    return seen
+
+
+def lost(proto: FileCacheClientProtocol) -> None:
+    proto.connectionLost(Failure(ConnectionAborted()))
+
+
+# LIST framing
+
+
+def test_list_reply_is_ok_rows_and_end_n() -> None:
+    """OK, two rows, END 2: the rows, in the order sent; the connection stays usable."""
+    proto, transport = connected()
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK\r\n" + ROW_A + ROW_B + b"END 2\r\n")
+    assert seen == [
+        [wire.ListRow(5, 1700000000, True, "a b.txt"), wire.ListRow(7, 1700000001, False, "sub/c.txt")]
+    ]
+    assert proto.usable and not transport.disconnecting
+
+
+def test_empty_list_reply() -> None:
+    """OK then END 0 is an empty listing."""
+    proto, _ = connected()
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK\r\nEND 0\r\n")
+    assert seen == [[]]
+
+
+def test_err_in_place_of_end_drops_the_rows_and_keeps_the_connection() -> None:
+    """
+    Rows, then ERR unavailable instead of END: the LIST fails with that
+    ServerError (no partial listing), and the next request goes out on the
+    same connection.
+    """
+    proto, transport = connected()
+    seen = outcome(proto.list())
+    after = outcome(proto.stats())
+    transport.clear()
+    proto.dataReceived(b"OK\r\n" + ROW_A + ROW_B + b"ERR unavailable the scan took too long\r\n")
+    assert len(seen) == 1 and isinstance(seen[0], Failure)
+    error = seen[0].value
+    assert isinstance(error, ServerError)
+    assert (error.code, error.message) == ("unavailable", "the scan took too long")
+    assert transport.value() == b"STATS\r\n"
+    proto.dataReceived(b"OK 1\r\nhits 2\r\n")
+    assert after == [[("hits", 2)]]
+    assert not transport.disconnecting
+
+
+def test_end_that_does_not_count_the_rows_is_a_broken_reply() -> None:
+    """END 3 after two rows: BrokenReply, and the connection is dropped."""
+    proto, transport = connected()
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK\r\n" + ROW_A + ROW_B + b"END 3\r\n")
+    assert transport.disconnecting
+    lost(proto)
+    assert isinstance(seen[0].value, BrokenReply)
+    assert str(seen[0].value) == "the LIST reply ends with END 3 after 2 rows"
+
+
+def test_old_ok_n_framing_is_refused() -> None:
+    """The old `OK <n>` LIST status is refused at once, not waited on for an END."""
+    proto, transport = connected()
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK 1\r\n" + ROW_A)
+    assert transport.disconnecting
+    lost(proto)
+    assert isinstance(seen[0].value, BrokenReply)
+    assert "expected OK alone" in str(seen[0].value)
+
+
+def test_list_rows_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    One row more than wire.MAX_LIST_ROWS (3 here): BrokenReply saying so,
+    the connection dropped at that row, and nothing after it is parsed.
+    """
+    monkeypatch.setattr(wire, "MAX_LIST_ROWS", 3)
+    proto, transport = connected()
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK\r\n" + ROW_A * 3)
+    assert not transport.disconnecting
+    proto.dataReceived(ROW_A + b"garbage that would be a malformed row\r\n")
+    assert transport.disconnecting
+    lost(proto)
+    assert isinstance(seen[0].value, BrokenReply)
+    assert str(seen[0].value) == "the LIST reply holds more than 3 rows"
+
+
+def test_list_bytes_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows adding up to more than MAX_LIST_BYTES: BrokenReply, whatever their count."""
+    monkeypatch.setattr(client_module, "MAX_LIST_BYTES", 3 * len(ROW_A) - 1)
+    proto, transport = connected()
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK\r\n" + ROW_A * 3)
+    assert transport.disconnecting
+    lost(proto)
+    assert isinstance(seen[0].value, BrokenReply)
+    assert "MiB of rows" in str(seen[0].value)
+
+
+def test_stats_count_is_capped() -> None:
+    """A STATS status announcing more than MAX_STATS_ROWS rows is refused before any row."""
+    proto, transport = connected()
+    seen = outcome(proto.stats())
+    proto.dataReceived(b"OK %d\r\n" % (client_module.MAX_STATS_ROWS + 1,))
+    assert transport.disconnecting
+    lost(proto)
+    assert isinstance(seen[0].value, BrokenReply)
+
+
+def test_stats_text_values_and_unknown_keys() -> None:
+    """STATS rows with a text value (version) and keys the client does not know are kept as sent."""
+    proto, _ = connected()
+    seen = outcome(proto.stats())
+    proto.dataReceived(b"OK 3\r\nversion 1.2.3\r\nuptime_seconds 7\r\nworker 2\r\n")
+    assert seen == [[("version", "1.2.3"), ("uptime_seconds", 7), ("worker", 2)]]
+
+
+# The pace --timeout demands
+
+
+def test_a_dripped_status_line_times_out() -> None:
+    """
+    A server sending its status line one byte every 0.5 s (each byte would
+    reset a silence timer): with timeout=5, the client gives up 5 s after
+    the request, with the silence message.
+    """
+    clock = Clock()
+    proto, transport = connected(timeout=5, clock=clock)
+    seen = outcome(proto.get("f.bin", Sink()))
+    for byte in (b"OK 100 " + VERSION.encode())[:9]:
+        clock.advance(0.5)
+        proto.dataReceived(bytes([byte]))
+    assert not transport.disconnecting
+    clock.advance(0.5)
+    assert transport.disconnecting
+    lost(proto)
+    assert isinstance(seen[0].value, ConnectionLostEarly)
+    assert str(seen[0].value) == "timed out waiting for the server"
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_dripped_body_times_out_as_too_slow() -> None:
+    """
+    A prompt status line, then 100 bytes of body a second: the first 5 s
+    window after the status line brings under MIN_PROGRESS bytes, so the
+    client gives up then ("too slow"), not never.
+    """
+    clock = Clock()
+    proto, transport = connected(timeout=5, clock=clock)
+    seen = outcome(proto.get("f.bin", Sink()))
+    proto.dataReceived(b"OK 1000000 " + VERSION.encode() + b"\r\n")
+    for _ in range(4):
+        clock.advance(1)
+        proto.dataReceived(b"x" * 100)
+    clock.advance(0.9)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting
+    lost(proto)
+    assert isinstance(seen[0].value, ConnectionLostEarly)
+    assert str(seen[0].value) == "the server is too slow: under 16 KiB in 5 s"
+
+
+def test_dripped_list_rows_time_out_as_too_slow() -> None:
+    """LIST rows trickling in (one short row a second) are cut at the end of the first window."""
+    clock = Clock()
+    proto, transport = connected(timeout=5, clock=clock)
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK\r\n")
+    for _ in range(5):
+        clock.advance(1)
+        if not transport.disconnecting:
+            proto.dataReceived(ROW_A)
+    assert transport.disconnecting
+    lost(proto)
+    assert str(seen[0].value) == "the server is too slow: under 16 KiB in 5 s"
+
+
+def test_a_steady_body_is_never_cut_and_no_timer_is_left() -> None:
+    """
+    MIN_PROGRESS bytes in every window, for many windows: the GET
+    completes, and once it has, no timer is left running.
+    """
+    clock = Clock()
+    proto, transport = connected(timeout=5, clock=clock)
+    body = b"y" * (MIN_PROGRESS * 10)
+    import hashlib
+
+    seen = outcome(proto.get("f.bin", Sink()))
+    proto.dataReceived(b"OK %d %s\r\n" % (len(body), VERSION.encode()))
+    for i in range(10):
+        clock.advance(4.5)
+        proto.dataReceived(body[i * MIN_PROGRESS : (i + 1) * MIN_PROGRESS])
+        assert not transport.disconnecting
+    clock.advance(4.5)
+    proto.dataReceived(b"END " + hashlib.sha256(body).hexdigest().encode() + b"\r\n")
+    assert seen == [Download(len(body), VERSION, hashlib.sha256(body).hexdigest())]
+    assert clock.getDelayedCalls() == []
+    clock.advance(60)
+    assert not transport.disconnecting
+
+
+def test_no_pace_rule_without_a_timeout() -> None:
+    """timeout=None (--timeout 0) waits for ever: no timer at all."""
+    clock = Clock()
+    proto, transport = connected(timeout=None, clock=clock)
+    outcome(proto.list())
+    proto.dataReceived(b"OK\r\n")
+    assert clock.getDelayedCalls() == []
+    clock.advance(3600)
+    assert not transport.disconnecting
