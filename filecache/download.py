@@ -1,14 +1,18 @@
 """
 Saving downloads: a shared path becomes a file inside the destination folder,
-written under a C{.part} name (with a sidecar that lets a later attempt
-resume it) and renamed into place only once its SHA-256 is verified.
+written under a hidden C{.NAME.filecache-part} name (with a sidecar that lets
+a later attempt resume it) and moved into place only once its SHA-256 is
+verified.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -25,8 +29,23 @@ from filecache.client import (
 )
 from filecache.wire import PathError, split_path
 
-PART_SUFFIX = ".part"
-META_SUFFIX = ".part.json"
+# A download of NAME is written to .NAME.filecache-part beside NAME.  The
+# server never shares a dot-name, so no download's final name is ever one of
+# these, and a user's own NAME.part is never touched.
+PART_SUFFIX = ".filecache-part"
+META_SUFFIX = PART_SUFFIX + ".json"
+MAX_META_BYTES = 64 * 1024
+"""A sidecar is a line of JSON; anything longer was not written by us."""
+
+# Opening with these never blocks (a FIFO) and never follows a symlink.
+_NO_SURPRISES = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def part_names(final: str) -> tuple[str, str]:
+    """The partial file and its sidecar for a download saved as C{final}."""
+    folder, name = os.path.split(final)
+    part = os.path.join(folder, "." + name + PART_SUFFIX)
+    return part, os.path.join(folder, "." + name + META_SUFFIX)
 
 
 class LocalError(Exception):
@@ -100,51 +119,122 @@ def make_parents(folder: str, path: str) -> None:
 
 @dataclass(frozen=True)
 class PartInfo:
-    """What the sidecar of a C{.part} file records: enough to resume it."""
+    """What the sidecar of a partial file records: enough to resume it."""
 
     path: str
     version: str
     size: int
 
 
+def _is_regular(path: str) -> bool:
+    """Whether C{path} is a regular file itself (not a symlink to one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+    """
+    Open C{path} without following a symlink or blocking on a FIFO, and
+    only if it is a regular file; return the descriptor.
+
+    @raise OSError: if it cannot be opened or is not a regular file.
+    """
+    fd = os.open(path, flags | _NO_SURPRISES, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class PartFile:
     """
-    A L{BodySink} writing into C{<final>.part}, from the start or appending
-    to what an earlier attempt left; L{commit} renames it to the final name.
+    A L{BodySink} writing into C{.NAME.filecache-part} beside the final
+    C{NAME}, from the start or appending to what an earlier attempt left;
+    L{commit} moves it to the final name.
+
+    A partial file is ours only while its sidecar says so (the sidecar is
+    written first); anything else found under these names is someone
+    else's, and without C{force} it is neither truncated nor removed.
     """
 
-    def __init__(self, final: str, name: str, progress: Progress) -> None:
+    def __init__(self, final: str, name: str, progress: Progress, force: bool = False) -> None:
         self.final = final
-        self.part = final + PART_SUFFIX
-        self.meta = final + META_SUFFIX
+        self.part, self.meta = part_names(final)
         self._name = name
         self._progress = progress
+        self._force = force
         self._file: IO[bytes] | None = None
         self._offset = 0
         self._expect_version: str | None = None
+        self._owned = False
+        self._info: PartInfo | None = None
 
     # What an earlier attempt left
 
-    def resumable(self) -> PartInfo | None:
-        """The sidecar's record, if the C{.part} file belongs to this download."""
+    def _read_meta(self) -> tuple[bool, PartInfo | None]:
+        """(whether a sidecar is there, its record if it is ours)."""
         try:
-            with open(self.meta, encoding="utf-8") as f:
-                data = json.load(f)
+            fd = _open_regular(self.meta, os.O_RDONLY)
+        except FileNotFoundError:
+            return False, None
+        except OSError:
+            return True, None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                raw = f.read(MAX_META_BYTES + 1)
+        except OSError:
+            return True, None
+        if len(raw) > MAX_META_BYTES:
+            return True, None
+        try:
+            data = json.loads(raw.decode("utf-8"))
             info = PartInfo(str(data["path"]), str(data["version"]), int(data["size"]))
+        except (ValueError, KeyError, TypeError):
+            return True, None
+        if info.path != self._name:
+            return True, None
+        return True, info
+
+    def claim(self) -> None:
+        """
+        Check what is under our names before anything is asked of the server.
+
+        @raise LocalError: without C{force}, if a sidecar that is not ours,
+            or a partial file with no sidecar of ours, is there.
+        """
+        there, self._info = self._read_meta()
+        self._owned = self._info is not None
+        if self._force or self._owned:
+            return
+        if there:
+            raise LocalError(
+                f"{self.meta} was not left by filecache-client (remove it, or use --force)"
+            )
+        if os.path.lexists(self.part):
+            raise LocalError(
+                f"{self.part} was not left by filecache-client (remove it, or use --force)"
+            )
+
+    def resumable(self) -> PartInfo | None:
+        """The sidecar's record, if the partial file is ours and can be resumed."""
+        info = self._info if self._owned else None
+        if info is None:
+            return None
+        try:
             have = os.lstat(self.part)
-        except (OSError, ValueError, KeyError, TypeError):
+        except OSError:
             return None
-        if info.path != self._name or not os.path.isfile(self.part) or os.path.islink(self.part):
-            return None
-        if have.st_size > info.size:
+        if not stat.S_ISREG(have.st_mode) or have.st_size > info.size:
             return None
         return info
 
     def have(self) -> int:
-        try:
-            return os.lstat(self.part).st_size
-        except OSError:
-            return 0
+        return os.lstat(self.part).st_size if _is_regular(self.part) else 0
 
     def prepare(self, offset: int, version: str | None) -> None:
         """The next body starts at C{offset}, and must be of C{version} if given."""
@@ -156,30 +246,46 @@ class PartFile:
     def begin(self, size: int, version: str) -> None:
         if self._expect_version is not None and version != self._expect_version:
             raise VersionChanged(f"{self._name} changed on the server")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        if not self._offset:
-            flags |= os.O_TRUNC
         try:
-            fd = os.open(self.part, flags, 0o644)
+            if self._offset:
+                fd = _open_regular(self.part, os.O_WRONLY)
+            else:
+                if not self._owned and self._force:
+                    # Someone else's entry under our name, replaced as --force says.
+                    self._unlink_foreign()
+                self._write_meta(PartInfo(self._name, version, size))
+                fresh = os.O_TRUNC if os.path.lexists(self.part) else os.O_EXCL
+                fd = _open_regular(self.part, os.O_WRONLY | os.O_CREAT | fresh)
         except OSError as e:
             raise LocalError(f"cannot write {self.part}: {e.strerror}") from None
         self._file = os.fdopen(fd, "wb")
         if self._offset:
             self._file.seek(self._offset)
             self._file.truncate()
-        else:
-            self._write_meta(PartInfo(self._name, version, size))
         self._progress.start(self._name, self._offset + size, self._offset)
 
-    def _write_meta(self, info: PartInfo) -> None:
-        temporary = self.meta + ".tmp"
+    def _unlink_foreign(self) -> None:
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            if not os.path.isdir(self.part) or os.path.islink(self.part):
+                os.unlink(self.part)
+        except FileNotFoundError:
+            pass
+
+    def _write_meta(self, info: PartInfo) -> None:
+        folder, name = os.path.split(self.meta)
+        try:
+            fd, temporary = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder or ".")
+        except OSError as e:
+            raise LocalError(f"cannot write {self.meta}: {e.strerror}") from None
+        try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"path": info.path, "version": info.version, "size": info.size}, f)
             os.replace(temporary, self.meta)
         except OSError as e:
+            self._remove(temporary)
             raise LocalError(f"cannot write {self.meta}: {e.strerror}") from None
+        self._owned = True
+        self._info = info
 
     def write(self, data: bytes) -> None:
         assert self._file is not None
@@ -201,40 +307,68 @@ class PartFile:
                 pass
 
     def digest(self) -> str:
-        """SHA-256 of the whole C{.part} file as it is on disk."""
+        """SHA-256 of the whole partial file as it is on disk."""
         hasher = hashlib.sha256()
-        with open(self.part, "rb") as f:
-            while chunk := f.read(1 << 20):
-                hasher.update(chunk)
+        try:
+            fd = _open_regular(self.part, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+        except OSError as e:
+            raise LocalError(f"cannot read {self.part}: {e.strerror}") from None
         return hasher.hexdigest()
 
     def commit(self) -> None:
-        """The whole file was verified: move it to its final name."""
+        """
+        The whole file was verified: move it to its final name.  Without
+        C{force} an existing final name is never replaced, even one that
+        appeared during the download (the partial file is kept then).
+        """
         self._close()
         try:
-            os.replace(self.part, self.final)
+            if self._force:
+                os.replace(self.part, self.final)
+            else:
+                self._move_without_replacing()
+        except FileExistsError:
+            raise LocalError(f"{self.final} exists (use --force to overwrite)") from None
         except OSError as e:
             raise LocalError(f"cannot rename {self.part}: {e.strerror}") from None
         self._remove(self.meta)
 
+    def _move_without_replacing(self) -> None:
+        try:
+            os.link(self.part, self.final, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:
+            # No hard links here (some file systems): check, then rename.
+            if os.path.lexists(self.final):
+                raise FileExistsError(errno.EEXIST, "exists", self.final) from None
+            os.replace(self.part, self.final)
+            return
+        self._remove(self.part)
+
     def keep(self) -> None:
-        """The transfer broke off: close, leaving the C{.part} and its sidecar."""
+        """The transfer broke off: close, leaving the partial file and its sidecar."""
         self._close()
 
     def discard(self) -> None:
-        """The bytes are bad or the file is gone: remove what we wrote."""
-        created = self._file is not None or os.path.exists(self.meta)
+        """The bytes are bad or the file is gone: remove what we wrote, nothing else."""
         self._close()
-        if created:
-            self._remove(self.part)
-        self._remove(self.meta)
+        if self._owned:
+            if _is_regular(self.part):
+                # Only a regular file can be one we wrote; a FIFO or a
+                # symlink put in its place is left where it is.
+                self._remove(self.part)
+            self._remove(self.meta)
+            self._owned = False
+            self._info = None
 
     @staticmethod
     def _remove(path: str) -> None:
         try:
             os.unlink(path)
-        except FileNotFoundError:
-            pass
         except OSError:
             pass
 
@@ -287,11 +421,12 @@ async def fetch(
     what was received last.
 
     A lost connection is retried up to C{retries} times, resuming from the
-    C{.part} file when the server still has the same version; a resumed file
-    is checked against the server's whole-file SHA-256 before it is renamed.
+    partial file when the server still has the same version; a resumed file
+    is checked against the server's whole-file SHA-256 before it is moved
+    into place.
 
     @raise LocalError: unsafe name, existing destination without C{force},
-        or a local write error.
+        someone else's file under our temporary names, or a local error.
     @raise ServerError: the server answered an error.
     @raise BrokenReply: the bytes failed the size or digest check.
     @raise ConnectionLostEarly: the connection was lost past the retries.
@@ -302,13 +437,27 @@ async def fetch(
     make_parents(folder, path)
     if os.path.isdir(final):
         raise LocalError(f"{final} is a folder")
-    sink = PartFile(final, path, progress())
+    sink = PartFile(final, path, progress(), force=force)
+    sink.claim()
+    result = await _fetch_with_retries(session, path, sink, retries, sleep, on_retry)
+    sink.commit()
+    return final, result
+
+
+async def _fetch_with_retries(
+    session: Session,
+    path: str,
+    sink: PartFile,
+    retries: int,
+    sleep: Sleep | None,
+    on_retry: Callable[[str, BaseException, float], None],
+) -> Download:
     attempt = 0
     restarted = False
     while True:
         try:
             client = await session.client()
-            result = await _fetch_once(client, path, sink, fresh=restarted)
+            return await _fetch_once(client, path, sink, fresh=restarted)
         except RETRYABLE as e:
             sink.keep()
             attempt += 1
@@ -336,8 +485,6 @@ async def fetch(
         except BaseException:
             sink.keep()
             raise
-        sink.commit()
-        return final, result
 
 
 async def _fetch_once(
@@ -350,7 +497,7 @@ async def _fetch_once(
         return await client.get(path, sink)
     current = await client.hash(path)
     if current.version != info.version or have > current.size:
-        # The file changed since the .part was written: start over.
+        # The file changed since the partial file was written: start over.
         sink.prepare(0, None)
         return await client.get(path, sink)
     sink.prepare(have, current.version)

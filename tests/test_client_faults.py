@@ -7,6 +7,7 @@ driven in memory; every fault must end in a clean exit status and no stray file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import socket
@@ -39,6 +40,8 @@ BODY = bytes(range(100))
 VERSION = "2a-64-18ea3fdc92c71808"
 OTHER = b"the bytes already on disk\n"
 PROG = "filecache-client: "
+PART = ".f.bin.filecache-part"
+META = ".f.bin.filecache-part.json"
 POLL = 0.1
 # What the server may read when the client refuses a name: no GET, at most
 # the QUIT (the client stops its reactor before QUIT is flushed today).
@@ -279,8 +282,8 @@ def out(tmp_path: Path) -> Path:
 def test_body_cut_short_is_connection_lost_and_keeps_the_part(out: Path) -> None:
     """
     OK 100 then 60 bytes then close: exit 3, "connection lost after 60 bytes",
-    nothing under the final name, and the .part (60 bytes) is kept, as
-    download.fetch keeps it on a broken-off transfer.
+    nothing under the final name, and the partial file (60 bytes) is kept,
+    as download.fetch keeps it on a broken-off transfer.
     """
     script = {b"GET f.bin": Reply(status(100) + BODY[:60], after="close")}
     with FakeServer(script) as server:
@@ -289,8 +292,8 @@ def test_body_cut_short_is_connection_lost_and_keeps_the_part(out: Path) -> None
     assert stderr_lines(result) == [PROG + "f.bin: connection lost after 60 bytes of the file"]
     assert result.stdout == ""
     assert not (out / "f.bin").exists()
-    assert (out / "f.bin.part").read_bytes() == BODY[:60]
-    assert sorted(os.listdir(out)) == ["f.bin.part", "f.bin.part.json"]
+    assert (out / PART).read_bytes() == BODY[:60]
+    assert sorted(os.listdir(out)) == [PART, META]
 
 
 def test_wrong_end_digest_is_integrity_failure_and_removes_the_part(out: Path) -> None:
@@ -412,7 +415,7 @@ def test_server_that_never_answers_times_out(out: Path) -> None:
 
 
 def test_stall_in_the_middle_of_a_body_times_out(out: Path) -> None:
-    """OK 100, 30 bytes, then silence: --timeout 1 gives exit 3; the 30-byte .part is kept."""
+    """OK 100, 30 bytes, then silence: --timeout 1 gives exit 3; the 30-byte partial file is kept."""
     script = {b"GET f.bin": Reply(status(100) + BODY[:30], after="stall")}
     with FakeServer(script) as server:
         started = time.monotonic()
@@ -422,7 +425,7 @@ def test_stall_in_the_middle_of_a_body_times_out(out: Path) -> None:
     assert stderr_lines(result) == [PROG + "f.bin: timed out waiting for the server"]
     assert 1 <= elapsed < 10
     assert not (out / "f.bin").exists()
-    assert (out / "f.bin.part").read_bytes() == BODY[:30]
+    assert (out / PART).read_bytes() == BODY[:30]
 
 
 def test_connect_timeout(out: Path) -> None:
@@ -526,20 +529,135 @@ def test_symlink_then_subfolder_creates_nothing_outside(tmp_path: Path, out: Pat
 
 def test_part_file_symlink_is_not_followed(tmp_path: Path, out: Path) -> None:
     """
-    DIR/f.bin.part is a symlink to a file outside: the client does not write
-    through it (exit 5) and the outside file keeps its bytes.
+    DIR/.f.bin.filecache-part is a symlink to a file outside, with no
+    sidecar of ours: it is someone else's, so the client refuses (exit 5)
+    before sending the GET, and the outside file keeps its bytes.
     """
     target = tmp_path / "parent" / "target"
     target.write_bytes(OTHER)
-    (out / "f.bin.part").symlink_to(target)
+    (out / PART).symlink_to(target)
     with FakeServer({b"GET f.bin": Reply(good_reply(BODY))}) as server:
         result = get(server, out, "f.bin")
+        server.wait_connection_ended()
     assert result.returncode == 5
-    lines = stderr_lines(result)
-    assert len(lines) == 1
-    assert lines[0].startswith(PROG + f"f.bin: cannot write {out / 'f.bin.part'}: ")
+    assert stderr_lines(result) == [
+        PROG + f"f.bin: {out / PART} was not left by filecache-client (remove it, or use --force)"
+    ]
+    assert server.requests in NO_GET
     assert target.read_bytes() == OTHER
     assert not (out / "f.bin").exists()
+
+
+def test_part_file_symlink_with_force_is_replaced_not_written_through(tmp_path: Path, out: Path) -> None:
+    """With --force the symlink under the temporary name is replaced: the download works, the target is untouched."""
+    target = tmp_path / "parent" / "target"
+    target.write_bytes(OTHER)
+    (out / PART).symlink_to(target)
+    with FakeServer({b"GET f.bin": Reply(good_reply(BODY))}) as server:
+        result = get(server, out, "f.bin", extra=("--force",))
+    assert result.returncode == 0, result.stderr
+    assert (out / "f.bin").read_bytes() == BODY
+    assert target.read_bytes() == OTHER
+    assert sorted(os.listdir(out)) == ["f.bin"]
+
+
+# Files that are not the client's (issue 8, item 18)
+
+
+def test_users_own_part_files_survive_a_get(out: Path) -> None:
+    """
+    The user's own DIR/x.part and DIR/x.part.json (the names older clients
+    used) are left byte for byte by `get x`, which saves x beside them.
+    """
+    (out / "x.part").write_bytes(b"my own notes\n")
+    (out / "x.part.json").write_text('{"mine": true}')
+    with FakeServer({b"GET x": Reply(good_reply(BODY))}) as server:
+        result = get(server, out, "x")
+    assert result.returncode == 0, result.stderr
+    assert (out / "x").read_bytes() == BODY
+    assert (out / "x.part").read_bytes() == b"my own notes\n"
+    assert (out / "x.part.json").read_text() == '{"mine": true}'
+    assert sorted(os.listdir(out)) == ["x", "x.part", "x.part.json"]
+
+
+def test_files_named_like_temporary_files_are_all_saved(out: Path) -> None:
+    """
+    `get x.part.json x.part x`: three distinct files, each saved with its
+    own bytes, all three named on stdout, nothing else left.
+    """
+    bodies = {name: name.encode() * 40 for name in ("x.part.json", "x.part", "x")}
+    script = {b"GET " + name.encode(): Reply(good_reply(body)) for name, body in bodies.items()}
+    with FakeServer(script) as server:
+        result = get(server, out, *bodies)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(out / name) for name in bodies]
+    for name, body in bodies.items():
+        assert (out / name).read_bytes() == body
+    assert sorted(os.listdir(out)) == sorted(bodies)
+
+
+@pytest.mark.parametrize("planted", [PART, META])
+def test_a_foreign_file_under_a_temporary_name_is_kept(out: Path, planted: str) -> None:
+    """
+    A file the client did not write under its partial or sidecar name: exit
+    5 without sending the GET, the file untouched; --force replaces it.
+    """
+    (out / planted).write_bytes(OTHER)
+    with FakeServer({b"GET f.bin": Reply(good_reply(BODY))}) as server:
+        result = get(server, out, "f.bin")
+        server.wait_connection_ended()
+        assert result.returncode == 5
+        assert stderr_lines(result) == [
+            PROG + f"f.bin: {out / planted} was not left by filecache-client (remove it, or use --force)"
+        ]
+        assert server.requests in NO_GET
+        assert (out / planted).read_bytes() == OTHER
+    with FakeServer({b"GET f.bin": Reply(good_reply(BODY))}) as server:
+        forced = get(server, out, "f.bin", extra=("--force",))
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(os.listdir(out)) == ["f.bin"]
+
+
+# FIFOs where the client looks (issue 8, item 22)
+
+
+def test_a_fifo_as_the_sidecar_does_not_hang_the_client(out: Path) -> None:
+    """
+    FIFOs planted as the sidecar (under today's name and the old one): the
+    client neither blocks on them nor removes them; it refuses the
+    download (exit 5) within seconds.
+    """
+    os.mkfifo(out / META)
+    os.mkfifo(out / "f.bin.part.json")
+    with FakeServer({b"GET f.bin": Reply(good_reply(BODY))}) as server:
+        started = time.monotonic()
+        result = get(server, out, "f.bin")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 5
+    assert stderr_lines(result) == [
+        PROG + f"f.bin: {out / META} was not left by filecache-client (remove it, or use --force)"
+    ]
+    assert elapsed < 10
+    assert sorted(os.listdir(out)) == [META, "f.bin.part.json"]
+
+
+def test_a_fifo_as_the_partial_file_does_not_hang_the_client(out: Path) -> None:
+    """
+    A valid sidecar of ours beside a FIFO in the partial file's place: the
+    client does not block opening it for writing (exit 5, cannot write),
+    and leaves the FIFO, which it did not make.
+    """
+    os.mkfifo(out / PART)
+    (out / META).write_text(json.dumps({"path": "f.bin", "version": VERSION, "size": 100}))
+    with FakeServer({b"GET f.bin": Reply(good_reply(BODY))}) as server:
+        started = time.monotonic()
+        result = get(server, out, "f.bin")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 5
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and lines[0].startswith(PROG + f"f.bin: cannot write {out / PART}: ")
+    assert elapsed < 10
+    assert sorted(os.listdir(out)) == [PART]
 
 
 # Existing destination files

@@ -231,7 +231,7 @@ def test_a_dripped_body_is_cut_as_too_slow_and_its_part_kept(tmp_path: Path) -> 
     assert status == 3, err
     assert err.splitlines() == [PROG + "f.bin: the server is too slow: under 16 KiB in 2 s"]
     assert 2 <= seconds < 8
-    assert len(names) == 2  # the partial file and its sidecar
+    assert names == [".f.bin.filecache-part", ".f.bin.filecache-part.json"]
 
 
 def test_dripped_list_rows_are_cut_as_too_slow() -> None:
@@ -243,6 +243,41 @@ def test_dripped_list_rows_are_cut_as_too_slow() -> None:
     assert err.splitlines() == [PROG + "the server is too slow: under 16 KiB in 2 s"]
     assert out == ""
     assert seconds < 8
+
+
+# A file that appears under the final name meanwhile (issue 8, item 18)
+
+
+def test_a_file_that_appears_under_the_final_name_is_not_replaced(tmp_path: Path) -> None:
+    """
+    While f.bin downloads, someone else creates DIR/f.bin: without --force
+    the verified download does not replace it (exit 5); the partial file is
+    kept, so `get --force` can finish without fetching again.
+    """
+    import hashlib
+
+    out = tmp_path / "out"
+    out.mkdir()
+    body = b"z" * 1000
+
+    def handler(conn: socket.socket, line: bytes, stopping: threading.Event) -> None:
+        if not send(conn, b"OK 1000 " + VERSION + b"\r\n" + body[:500], stopping):
+            return
+        stopping.wait(0.5)
+        (out / "f.bin").write_bytes(b"someone else's")
+        tail = body[500:] + b"END " + hashlib.sha256(body).hexdigest().encode() + b"\r\n"
+        send(conn, tail, stopping)
+        stopping.wait(1)
+
+    with HostileServer(handler) as server:
+        status, out_text, err, _, _ = run(
+            server.port, "get", "f.bin", "-o", str(out), "--retries", "0", timeout=30
+        )
+    assert status == 5, err
+    assert err.splitlines() == [PROG + f"f.bin: {out / 'f.bin'} exists (use --force to overwrite)"]
+    assert out_text == ""
+    assert (out / "f.bin").read_bytes() == b"someone else's"
+    assert (out / ".f.bin.filecache-part").read_bytes() == body
 
 
 # A listing that fails part-way

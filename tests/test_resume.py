@@ -1,8 +1,8 @@
 """
-Resuming downloads: a lost connection is retried and resumes from the .part
-file with GET <path> <offset> when the version still matches; a re-run after
-the client itself was killed resumes the same way; the whole file's SHA-256
-is checked before the rename.
+Resuming downloads: a lost connection is retried and resumes from the
+partial file (.NAME.filecache-part) with GET <path> <offset> when the
+version still matches; a re-run after the client itself was killed resumes
+the same way; the whole file's SHA-256 is checked before the rename.
 """
 
 from __future__ import annotations
@@ -19,8 +19,13 @@ from conftest import Daemon, RawClient, run_client, stats, tool, wait_for
 MiB = 1024 * 1024
 
 
+def part(out: Path, name: str) -> Path:
+    """Where the client keeps a partial download of C{name}."""
+    return out / f".{name}.filecache-part"
 
 
+def sidecar(out: Path, name: str) -> Path:
+    return out / f".{name}.filecache-part.json"
 
 
 def start_download(port: int, name: str, out: Path, *extra: str) -> subprocess.Popen[str]:
@@ -47,7 +52,7 @@ def test_lost_connection_resumes_from_the_part(shared: Path, daemon_factory, tmp
     first = daemon_factory(shared)
     out = tmp_path / "out"
     process = start_download(first.port, "big.bin", out, "--retries", "5")
-    stop_when_part_has(process, out / "big.bin.part", 20 * MiB)
+    stop_when_part_has(process, part(out, "big.bin"), 20 * MiB)
     first.stop(signal.SIGKILL)
     second = daemon_factory(shared, port=f"tcp:{first.port}:interface=127.0.0.1")
     process.send_signal(signal.SIGCONT)
@@ -69,10 +74,10 @@ def test_rerun_after_the_client_was_killed_resumes(shared: Path, daemon: Daemon,
     (shared / "big.bin").write_bytes(data)
     out = tmp_path / "out"
     process = start_download(daemon.port, "big.bin", out)
-    have = stop_when_part_has(process, out / "big.bin.part", 30 * MiB)
+    have = stop_when_part_has(process, part(out, "big.bin"), 30 * MiB)
     process.kill()
     process.wait(10)
-    meta = json.loads((out / "big.bin.part.json").read_text())
+    meta = json.loads(sidecar(out, "big.bin").read_text())
     assert meta["path"] == "big.bin" and meta["size"] == len(data)
     before = stats(daemon.port)["bytes_sent"]
     result = run_client("127.0.0.1", str(daemon.port), "get", "big.bin", "-o", str(out), "--quiet")
@@ -85,14 +90,14 @@ def test_rerun_after_the_client_was_killed_resumes(shared: Path, daemon: Daemon,
 
 
 def leave_part(daemon: Daemon, out: Path, name: str, content: bytes) -> None:
-    """Leave C{content} as C{name}.part with its sidecar, as a killed client would."""
+    """Leave C{content} as the partial file of C{name} with its sidecar, as a killed client would."""
     client = RawClient(daemon.port)
     client.send(b"HASH " + name.encode() + b"\r\n")
     size, version, _ = client.line().split()[1:]
     client.close()
     out.mkdir(exist_ok=True)
-    (out / (name + ".part")).write_bytes(content)
-    (out / (name + ".part.json")).write_text(
+    part(out, name).write_bytes(content)
+    sidecar(out, name).write_text(
         json.dumps({"path": name, "version": version.decode(), "size": int(size)})
     )
 
@@ -135,6 +140,32 @@ def test_corrupt_part_without_retries_fails_cleanly(shared: Path, daemon: Daemon
     assert result.returncode == 4
     assert "integrity check failed" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_files_under_the_old_part_names_are_neither_resumed_nor_touched(
+    shared: Path, daemon: Daemon, tmp_path: Path
+) -> None:
+    """
+    NAME.part and NAME.part.json, the names clients before issue 8 used,
+    are the user's files now: a get fetches the whole file afresh (no HASH,
+    no offset) and leaves both exactly as they were.
+    """
+    data = os.urandom(4 * MiB)
+    (shared / "f.bin").write_bytes(data)
+    out = tmp_path / "out"
+    leave_part(daemon, out, "f.bin", data[: 2 * MiB])
+    part(out, "f.bin").rename(out / "f.bin.part")
+    sidecar(out, "f.bin").rename(out / "f.bin.part.json")
+    old_meta = (out / "f.bin.part.json").read_bytes()
+    before = stats(daemon.port)["bytes_sent"]
+    result = run_client("127.0.0.1", str(daemon.port), "get", "f.bin", "-o", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (out / "f.bin").read_bytes() == data
+    assert stats(daemon.port)["bytes_sent"] - before == len(data)
+    assert f"GET f.bin {2 * MiB}" not in daemon.log_text()
+    assert (out / "f.bin.part").read_bytes() == data[: 2 * MiB]
+    assert (out / "f.bin.part.json").read_bytes() == old_meta
+    assert sorted(p.name for p in out.iterdir()) == ["f.bin", "f.bin.part", "f.bin.part.json"]
 
 
 def test_hash_verb(shared: Path, daemon: Daemon) -> None:
