@@ -88,33 +88,75 @@ def _inside(root: str, path: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def make_parents(folder: str, path: str) -> None:
+def _make_folder(folder: str) -> list[str]:
+    """Create C{folder} and its missing ancestors; return those made here, outermost first."""
+    missing: list[str] = []
+    current = os.path.abspath(folder)
+    while not os.path.lexists(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    created: list[str] = []
+    for level in reversed(missing):
+        try:
+            os.mkdir(level)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            remove_empty_folders(created)
+            raise LocalError(f"cannot create {folder}: {e.strerror}") from None
+        created.append(level)
+    if not os.path.isdir(folder):
+        raise LocalError(f"cannot save into {folder}: not a folder")
+    return created
+
+
+def make_parents(folder: str, path: str) -> list[str]:
     """
     Create the sub-folders of C{path} inside C{folder} one level at a time,
     refusing any level that leads outside (a symlink), before creating the
-    next.
+    next.  Return the folders made here, outermost first, so that a failed
+    download can take them away again (L{remove_empty_folders}).
 
-    @raise LocalError: if a level leads outside or cannot be made.
+    @raise LocalError: if a level leads outside or cannot be made (nothing
+        made here is left behind then).
     """
-    root = os.path.realpath(folder)
+    created = _make_folder(folder)
     try:
-        os.makedirs(root, exist_ok=True)
-    except OSError as e:
-        raise LocalError(f"cannot create {folder}: {e.strerror}") from None
-    current = folder
-    for part in split_path(path)[:-1]:
-        current = os.path.join(current, part)
-        if not _inside(root, current):
-            raise LocalError(f"refusing to save {path!r}: {current} leads outside {folder}")
+        root = os.path.realpath(folder)
+        current = folder
+        for part in split_path(path)[:-1]:
+            current = os.path.join(current, part)
+            if not _inside(root, current):
+                raise LocalError(f"refusing to save {path!r}: {current} leads outside {folder}")
+            try:
+                os.mkdir(current)
+            except FileExistsError:
+                if not os.path.isdir(current):
+                    raise LocalError(f"cannot save {path!r}: {current} is not a folder") from None
+            except OSError as e:
+                raise LocalError(f"cannot create {current}: {e.strerror}") from None
+            else:
+                created.append(current)
+            if not _inside(root, current):
+                raise LocalError(f"refusing to save {path!r}: {current} leads outside {folder}")
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+    return created
+
+
+def remove_empty_folders(created: list[str]) -> None:
+    """Remove the folders in C{created} (outermost first) that are empty, innermost first."""
+    for folder in reversed(created):
         try:
-            os.mkdir(current)
-        except FileExistsError:
-            if not os.path.isdir(current):
-                raise LocalError(f"cannot save {path!r}: {current} is not a folder") from None
-        except OSError as e:
-            raise LocalError(f"cannot create {current}: {e.strerror}") from None
-        if not _inside(root, current):
-            raise LocalError(f"refusing to save {path!r}: {current} leads outside {folder}")
+            os.rmdir(folder)
+        except OSError:
+            # Not empty (a kept partial file, someone else's file) or gone
+            # already: its parents then hold it, or are not ours to judge.
+            pass
 
 
 @dataclass(frozen=True)
@@ -423,7 +465,8 @@ async def fetch(
     A lost connection is retried up to C{retries} times, resuming from the
     partial file when the server still has the same version; a resumed file
     is checked against the server's whole-file SHA-256 before it is moved
-    into place.
+    into place.  Folders made for a download that fails are removed again
+    when empty (a kept partial file keeps its folder).
 
     @raise LocalError: unsafe name, existing destination without C{force},
         someone else's file under our temporary names, or a local error.
@@ -434,13 +477,17 @@ async def fetch(
     final = destination(folder, path)
     if os.path.lexists(final) and not force:
         raise LocalError(f"{final} exists (use --force to overwrite)")
-    make_parents(folder, path)
-    if os.path.isdir(final):
-        raise LocalError(f"{final} is a folder")
-    sink = PartFile(final, path, progress(), force=force)
-    sink.claim()
-    result = await _fetch_with_retries(session, path, sink, retries, sleep, on_retry)
-    sink.commit()
+    created = make_parents(folder, path)
+    try:
+        if os.path.isdir(final):
+            raise LocalError(f"{final} is a folder")
+        sink = PartFile(final, path, progress(), force=force)
+        sink.claim()
+        result = await _fetch_with_retries(session, path, sink, retries, sleep, on_retry)
+        sink.commit()
+    except BaseException:
+        remove_empty_folders(created)
+        raise
     return final, result
 
 

@@ -618,6 +618,51 @@ def test_a_foreign_file_under_a_temporary_name_is_kept(out: Path, planted: str) 
     assert sorted(os.listdir(out)) == ["f.bin"]
 
 
+# Folders made for a download that failed (issue 8, item 21)
+
+
+def test_a_failed_get_removes_the_folders_it_made(out: Path) -> None:
+    """
+    get level1/level2 -o tree2, answered ERR not-found: neither tree2 nor
+    tree2/level1, both made for this download, is left behind.
+    """
+    tree2 = out.parent / "tree2"
+    with FakeServer() as server:
+        result = get(server, tree2, "level1/level2")
+    assert result.returncode == 1
+    assert stderr_lines(result) == [PROG + "level1/level2: not found on the server"]
+    assert not tree2.exists()
+
+
+def test_only_the_empty_folders_it_made_are_removed(out: Path) -> None:
+    """
+    DIR/keep existed before (empty): a failed get keep/sub/deep/f.bin
+    removes keep/sub/deep and keep/sub, which it made, and leaves keep.
+    """
+    (out / "keep").mkdir()
+    with FakeServer({b"GET keep/sub/deep/f.bin": Reply(status(100) + BODY + end(sha(b"no")))}) as server:
+        result = get(server, out, "keep/sub/deep/f.bin")
+    assert result.returncode == 4
+    assert tree(out) == {"keep": "dir"}
+
+
+def test_folders_holding_a_kept_partial_file_stay(out: Path) -> None:
+    """A body cut short in new sub-folders: the partial file is kept for resume, so are its folders."""
+    with FakeServer({b"GET a/b/f.bin": Reply(status(100) + BODY[:60], after="close")}) as server:
+        result = get(server, out, "a/b/f.bin")
+    assert result.returncode == 3
+    assert sorted(os.listdir(out / "a" / "b")) == [PART, META]
+
+
+def test_one_failure_among_several_names_removes_only_its_own_folders(out: Path) -> None:
+    """get a/x b/y -o new, where b/y is not found: new/a/x is saved, new/b is gone, new stays."""
+    new = out / "new"
+    with FakeServer({b"GET a/x": Reply(good_reply(BODY))}) as server:
+        result = get(server, new, "a/x", "b/y")
+    assert result.returncode == 1
+    assert tree(new) == {"a": "dir", "a/x": BODY}
+
+
 # FIFOs where the client looks (issue 8, item 22)
 
 
