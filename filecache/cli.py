@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from typing import IO, Any
@@ -24,7 +27,7 @@ from filecache.client import (
     FileCacheClientProtocol,
     ServerError,
 )
-from filecache.download import LocalError, Progress, Session, fetch
+from filecache.download import LocalError, Progress, Session, destination, fetch, part_names
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1
@@ -32,6 +35,9 @@ EXIT_USAGE = 2
 EXIT_CONNECTION = 3
 EXIT_INTEGRITY = 4
 EXIT_LOCAL = 5
+EXIT_SIGNAL_BASE = 128
+"""Stopped by a signal: 128 + its number, as a shell reports it (130 for
+SIGINT, 143 for SIGTERM)."""
 
 COMMANDS = ("list", "get", "stats")
 
@@ -47,11 +53,54 @@ exit status:
   0 success                    3 cannot connect, connection lost or timed out
   1 the server answered ERR    4 integrity check failed (size or SHA-256)
   2 usage error                5 local error (destination exists, cannot write)
+  130 interrupted (Ctrl-C, SIGINT), 143 terminated (SIGTERM): partial
+      downloads are kept, and the same get resumes them
 """
 
 
 class UsageError(Exception):
     """A command line that cannot be run."""
+
+
+class Interrupted(Exception):
+    """
+    A signal stopped the client before it was done.
+
+    @ivar unfinished: lines saying what was left undone, for stderr.
+    """
+
+    def __init__(self, signum: int, unfinished: Sequence[str] = ()) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.unfinished = list(unfinished)
+
+
+class Stop:
+    """
+    Whether a signal asked the client to stop, and the work it stops: the
+    first SIGINT or SIGTERM cancels what the work is waiting on (no retry
+    follows, partial files are kept); a second one ends the process at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._work: Deferred[Any] | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def watch(self, work: Deferred[Any]) -> None:
+        self._work = work
+
+    def request(self, signum: int) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        if self._work is not None and not self._work.called:
+            self._work.cancel()
 
 
 def human_size(size: int) -> str:
@@ -281,7 +330,9 @@ def print_stats(stats: Sequence[tuple[str, wire.StatValue]], as_json: bool, out:
         out.write(f"{key:<{width}}  {value}\n")
 
 
-async def run(reactor: Any, inv: Invocation, out: IO[str], err: IO[str]) -> int:
+async def run(
+    reactor: Any, inv: Invocation, out: IO[str], err: IO[str], stop: Stop | None = None
+) -> int:
     """Carry out C{inv}; return the exit status.  Errors propagate."""
     if inv.command != "get":
         client = await connect(reactor, inv, err)
@@ -295,13 +346,19 @@ async def run(reactor: Any, inv: Invocation, out: IO[str], err: IO[str]) -> int:
         return EXIT_OK
     session = Session(lambda: connect(reactor, inv, err))
     try:
-        return await get_all(session, inv, out, err, reactor)
+        return await get_all(session, inv, out, err, reactor, stop or Stop())
     finally:
         await session.close()
 
 
-async def get_all(session: Session, inv: Invocation, out: IO[str], err: IO[str], reactor: Any) -> int:
-    """Fetch every name; a per-file error is reported and the rest go on."""
+async def get_all(
+    session: Session, inv: Invocation, out: IO[str], err: IO[str], reactor: Any, stop: Stop
+) -> int:
+    """
+    Fetch every name; a per-file error is reported and the rest go on.
+
+    @raise Interrupted: once C{stop} is requested, saying what is unfinished.
+    """
     from twisted.internet.task import deferLater
 
     status = EXIT_OK
@@ -310,8 +367,10 @@ async def get_all(session: Session, inv: Invocation, out: IO[str], err: IO[str],
     def retrying(name: str, error: BaseException, delay: float) -> None:
         err.write(f"filecache-client: {name}: {describe(error)}; retrying in {delay:g} s\n")
 
-    for name in inv.names:
+    for index, name in enumerate(inv.names):
         try:
+            if stop.signum is not None:
+                raise Interrupted(stop.signum)
             saved, _result = await fetch(
                 session,
                 name,
@@ -321,8 +380,13 @@ async def get_all(session: Session, inv: Invocation, out: IO[str], err: IO[str],
                 retries=inv.retries,
                 sleep=lambda seconds: deferLater(reactor, seconds),
                 on_retry=retrying,
+                interrupted=lambda: stop.requested,
             )
-        except (ServerError, LocalError, BrokenReply, ConnectionLostEarly, ConnectError) as e:
+        except BaseException as e:
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, unfinished(inv, index)) from None
+            if not isinstance(e, (ServerError, LocalError, BrokenReply, ConnectionLostEarly, ConnectError)):
+                raise
             err.write(f"filecache-client: {name}: {describe(e)}\n")
             status = status or exit_status(e)
             if isinstance(e, (ConnectionLostEarly, ConnectError)):
@@ -331,6 +395,30 @@ async def get_all(session: Session, inv: Invocation, out: IO[str], err: IO[str],
             continue
         out.write(f"{saved}\n")
     return status
+
+
+def unfinished(inv: Invocation, index: int) -> list[str]:
+    """What is left undone when C{inv.names[index]} was being fetched."""
+    name = inv.names[index]
+    lines = [f"{name}: not finished"]
+    try:
+        part, _ = part_names(destination(inv.folder, name))
+    except LocalError:
+        part = ""
+    if part and os.path.isfile(part):
+        lines[0] += f"; {part} is kept: the same get resumes it"
+    rest = inv.names[index + 1 :]
+    if rest:
+        lines.append(f"not started ({len(rest)}): {shlex.join(rest)}")
+    return lines
+
+
+def report(error: BaseException, err: IO[str]) -> None:
+    """Say on C{err} why the client stops."""
+    err.write(f"filecache-client: {describe(error)}\n")
+    if isinstance(error, Interrupted):
+        for line in error.unfinished:
+            err.write(f"filecache-client: {line}\n")
 
 
 def describe(error: BaseException) -> str:
@@ -358,11 +446,65 @@ def exit_status(error: BaseException) -> int:
         return EXIT_INTEGRITY
     if isinstance(error, LocalError):
         return EXIT_LOCAL
+    if isinstance(error, Interrupted):
+        return EXIT_SIGNAL_BASE + error.signum
     return EXIT_CONNECTION
+
+
+def drive(reactor: Any, inv: Invocation, out: IO[str], err: IO[str]) -> int:
+    """
+    Run C{inv} on C{reactor} until it is done or a signal stops it; return
+    the exit status.  SIGINT and SIGTERM are ours, not the reactor's: its
+    own handlers would stop the reactor under a download, which then looked
+    like a lost connection, was "retried" and exited 0.
+    """
+    stop = Stop()
+    outcome: list[int] = []
+
+    def finished(result: object) -> None:
+        if isinstance(result, Failure):
+            error = result.value
+            assert error is not None  # a Failure always holds its exception
+            if stop.signum is not None and not isinstance(error, Interrupted):
+                error = Interrupted(stop.signum)
+            report(error, err)
+            outcome.append(exit_status(error))
+        else:
+            assert isinstance(result, int)
+            outcome.append(result)
+        reactor.stop()
+
+    def start() -> None:
+        work = Deferred.fromCoroutine(run(reactor, inv, out, err, stop))
+        stop.watch(work)
+        work.addBoth(finished)
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Python runs this between two bytecodes of whatever the reactor is
+        # doing: hand the request to the reactor's own loop.
+        reactor.callFromThread(stop.request, signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        reactor.callWhenRunning(start)
+        reactor.run(installSignalHandlers=False)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return outcome[0] if outcome else EXIT_CONNECTION
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script."""
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before drive() took SIGINT over (while starting up).
+        sys.stderr.write("filecache-client: interrupted by SIGINT\n")
+        raise SystemExit(EXIT_SIGNAL_BASE + signal.SIGINT) from None
+
+
+def _main(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     try:
         inv = Invocation(args)
@@ -370,23 +512,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.write(f"filecache-client: {e}\n")
         raise SystemExit(EXIT_USAGE) from None
 
-    from twisted.internet.task import react
+    from twisted.internet import reactor
 
-    def start(reactor: Any) -> Deferred[None]:
-        d = Deferred.fromCoroutine(run(reactor, inv, sys.stdout, sys.stderr))
-
-        def done(status: int) -> None:
-            if status:
-                raise SystemExit(status)
-
-        def failed(reason: Failure) -> None:
-            if reason.check(SystemExit):
-                reason.raiseException()
-            error = reason.value
-            assert error is not None  # a Failure always holds its exception
-            sys.stderr.write(f"filecache-client: {describe(error)}\n")
-            raise SystemExit(exit_status(error))
-
-        return d.addCallbacks(done, failed)
-
-    react(start)
+    status = drive(reactor, inv, sys.stdout, sys.stderr)
+    if status:
+        raise SystemExit(status)

@@ -79,7 +79,8 @@ class _Operation:
     """One request in flight: it consumes reply lines (and raw bytes)."""
 
     def __init__(self) -> None:
-        self.deferred: Deferred[Any] = Deferred()
+        self.on_cancel: Callable[[_Operation], None] = lambda op: None
+        self.deferred: Deferred[Any] = Deferred(lambda d: self.on_cancel(self))
 
     def line(self, client: FileCacheClientProtocol, line: bytes) -> bool:
         """Take a reply line; return True when the reply is complete."""
@@ -339,6 +340,7 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
     def _request(self, request: wire.Request, op: _Operation) -> Deferred[Any]:
         if self._failed is not None:
             return fail(self._failed)
+        op.on_cancel = self._cancelled
         self._queue.append((wire.format_request(request), op))
         self._next()
         return op.deferred
@@ -357,6 +359,18 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         self._pace.stop()
         self._next()
+
+    def _cancelled(self, op: _Operation) -> None:
+        # Deferred.cancel fails op's Deferred with CancelledError after this.
+        if op is self._current:
+            # The rest of its reply may be on the way: the connection is spent.
+            self._current = None
+            self._fail(ConnectionLostEarly("request cancelled"))
+            return
+        for entry in self._queue:
+            if entry[1] is op:
+                self._queue.remove(entry)
+                return
 
     # Replies
 

@@ -457,13 +457,15 @@ async def fetch(
     retries: int = 0,
     sleep: Sleep | None = None,
     on_retry: Callable[[str, BaseException, float], None] = lambda *a: None,
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> tuple[str, Download]:
     """
     Download shared C{path} into C{folder}; return the saved file's name and
     what was received last.
 
-    A lost connection is retried up to C{retries} times, resuming from the
-    partial file when the server still has the same version; a resumed file
+    A lost connection is retried up to C{retries} times (none once
+    C{interrupted()} is true), resuming from the partial file when the
+    server still has the same version; a resumed file
     is checked against the server's whole-file SHA-256 before it is moved
     into place.  Folders made for a download that fails are removed again
     when empty (a kept partial file keeps its folder).
@@ -483,7 +485,9 @@ async def fetch(
             raise LocalError(f"{final} is a folder")
         sink = PartFile(final, path, progress(), force=force)
         sink.claim()
-        result = await _fetch_with_retries(session, path, sink, retries, sleep, on_retry)
+        result = await _fetch_with_retries(
+            session, path, sink, retries, sleep, on_retry, interrupted
+        )
         sink.commit()
     except BaseException:
         remove_empty_folders(created)
@@ -498,6 +502,7 @@ async def _fetch_with_retries(
     retries: int,
     sleep: Sleep | None,
     on_retry: Callable[[str, BaseException, float], None],
+    interrupted: Callable[[], bool],
 ) -> Download:
     attempt = 0
     restarted = False
@@ -508,7 +513,7 @@ async def _fetch_with_retries(
         except RETRYABLE as e:
             sink.keep()
             attempt += 1
-            if attempt > retries or isinstance(e, HandshakeFailed):
+            if attempt > retries or isinstance(e, HandshakeFailed) or interrupted():
                 if isinstance(e, VersionChanged):
                     raise ConnectionLostEarly(str(e)) from None
                 raise
@@ -518,7 +523,7 @@ async def _fetch_with_retries(
                 await sleep(delay)
             continue
         except BrokenReply:
-            if not restarted and sink.have() and attempt < retries:
+            if not restarted and sink.have() and attempt < retries and not interrupted():
                 # What an earlier attempt left may be bad: start over once.
                 sink.discard()
                 restarted = True

@@ -5,9 +5,13 @@ shows on a terminal (a real pseudo-terminal here) and nowhere else.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +101,190 @@ def test_no_progress_bar_off_a_terminal_or_quiet(shared: Path, daemon: Daemon, t
     assert result.returncode == 0
     assert result.stderr == ""
     assert result.stdout == f"{tmp_path / 'out' / 'bar.bin'}\n"
+
+
+# Ctrl-C and SIGTERM during get (issue 8, item 17)
+
+MiB = 1024 * 1024
+
+_TAKE_TERMINAL = (
+    "import fcntl, os, sys, termios\n"
+    "os.setsid()\n"
+    "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+class OnTerminal:
+    """
+    The real client with a pseudo-terminal as its controlling terminal (its
+    stdin and stderr), stdout on a pipe: keys written to the terminal reach
+    it as a user's would, Ctrl-C included.
+    """
+
+    def __init__(self, *args: str) -> None:
+        import fcntl
+        import struct
+        import termios
+        import threading
+
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 100, 0, 0))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _TAKE_TERMINAL, tool("filecache-client"), *args],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+        )
+        os.close(slave)
+        self._screen = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO once the client and its terminal are gone
+                return
+            if not chunk:
+                return
+            self._screen += chunk
+
+    def press(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        """Wait for the client; return (status, stdout, what the terminal showed)."""
+        try:
+            stdout, _ = self.process.communicate(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(5)
+            self._reader.join(5)
+            os.close(self.master)
+        return self.process.returncode, stdout, self._screen.decode(errors="replace").replace("\r", "")
+
+
+def part_of(out: Path, name: str) -> Path:
+    return out / f".{name}.filecache-part"
+
+
+def stop_mid_file(process: subprocess.Popen[str], part: Path, final: Path, size: int) -> None:
+    """SIGSTOP the client as soon as C{part} holds C{size} bytes, checking the file is unfinished then."""
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size >= size):
+        assert process.poll() is None, "the client ended before the test could interrupt it"
+        assert time.monotonic() < deadline, f"timed out waiting for {part}"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGSTOP)
+    assert not final.exists(), "the download finished before it could be interrupted"
+
+
+@pytest.mark.system
+def test_ctrl_c_on_a_terminal_stops_at_once_and_keeps_the_partial_file(
+    shared: Path, daemon: Daemon, tmp_path: Path
+) -> None:
+    """
+    Ctrl-C on a real terminal during `get big.bin small.bin c.bin`: exit 130
+    at once, no "retrying", stderr says big.bin is not finished (its
+    partial file kept) and names the two not started; the partial file and
+    its sidecar stay, and the same get then resumes from them.
+    """
+    data = os.urandom(128 * MiB)
+    (shared / "big.bin").write_bytes(data)
+    (shared / "small.bin").write_bytes(b"s" * 100)
+    (shared / "c.bin").write_bytes(b"c" * 100)
+    out = tmp_path / "out"
+    client = OnTerminal("127.0.0.1", str(daemon.port), "get", "big.bin", "small.bin", "c.bin", "-o", str(out))
+    stop_mid_file(client.process, part_of(out, "big.bin"), out / "big.bin", 8 * MiB)
+    client.press(b"\x03")
+    started = time.monotonic()
+    client.process.send_signal(signal.SIGCONT)
+    status, stdout, screen = client.finish(timeout=30)
+    assert time.monotonic() - started < 5
+    assert status == 130, screen
+    assert stdout == ""
+    assert "retrying" not in screen and "Traceback" not in screen
+    lines = [line for line in screen.splitlines() if line.startswith("filecache-client: ")]
+    assert lines == [
+        "filecache-client: interrupted by SIGINT",
+        f"filecache-client: big.bin: not finished; {part_of(out, 'big.bin')} is kept: the same get resumes it",
+        "filecache-client: not started (2): small.bin c.bin",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [".big.bin.filecache-part", ".big.bin.filecache-part.json"]
+    have = part_of(out, "big.bin").stat().st_size
+    assert 8 * MiB <= have < len(data)
+
+    again = run_client("127.0.0.1", str(daemon.port), "get", "big.bin", "small.bin", "c.bin", "-o", str(out))
+    assert again.returncode == 0, again.stderr
+    assert (out / "big.bin").read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == ["big.bin", "c.bin", "small.bin"]
+    assert f"GET big.bin {have} OK" in daemon.log_text()
+
+
+@pytest.mark.system
+def test_sigterm_during_get_exits_143_and_keeps_the_partial_file(
+    shared: Path, daemon: Daemon, tmp_path: Path
+) -> None:
+    """`kill -TERM` mid-file (no terminal): exit 143, the same report, the partial file and sidecar kept."""
+    (shared / "big.bin").write_bytes(os.urandom(128 * MiB))
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [tool("filecache-client"), "127.0.0.1", str(daemon.port), "get", "big.bin", "-o", str(out)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stop_mid_file(process, part_of(out, "big.bin"), out / "big.bin", 8 * MiB)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 143, stderr
+    assert stdout == ""
+    assert stderr.splitlines() == [
+        "filecache-client: interrupted by SIGTERM",
+        f"filecache-client: big.bin: not finished; {part_of(out, 'big.bin')} is kept: the same get resumes it",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [".big.bin.filecache-part", ".big.bin.filecache-part.json"]
+
+
+@pytest.mark.system
+def test_ctrl_c_among_many_small_files_reports_the_rest(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
+    """
+    SIGINT part-way through 300 small files: exit 130 (not 0), every file
+    on stdout is whole, and the files neither saved nor partial are all
+    named as not started.
+    """
+    names = [f"f{i:03d}.txt" for i in range(300)]
+    for name in names:
+        (shared / name).write_bytes(name.encode() * 100)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [tool("filecache-client"), "127.0.0.1", str(daemon.port), "get", *names, "-o", str(out)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (out.exists() and len(os.listdir(out)) >= 20):
+        assert process.poll() is None, "the client ended before the test could interrupt it"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    saved = [Path(line).name for line in stdout.splitlines()]
+    assert 20 <= len(saved) < 300
+    assert saved == names[: len(saved)]
+    for name in saved:
+        assert (out / name).read_bytes() == name.encode() * 100
+    lines = stderr.splitlines()
+    assert lines[0] == "filecache-client: interrupted by SIGINT"
+    assert lines[1].startswith(f"filecache-client: {names[len(saved)]}: not finished")
+    rest = names[len(saved) + 1 :]
+    assert lines[2:] == ([f"filecache-client: not started ({len(rest)}): {' '.join(rest)}"] if rest else [])
