@@ -58,6 +58,38 @@ exit status:
 """
 
 
+def say(err: IO[str], text: str) -> None:
+    """
+    One line on stderr.  Everything said goes through wire.printable, since
+    most of it can hold what a server sent (ERR texts, TLS errors) or a name
+    that may hold control characters; messages quote names with '...', not
+    repr(), so nothing is escaped twice.
+    """
+    err.write(f"filecache-client: {wire.printable(text)}\n")
+
+
+def json_text(data: object) -> str:
+    """
+    C{data} as indented JSON, with every character that is not printable
+    (DEL, C1 controls such as U+009B, which json leaves raw) as a \\u
+    escape: still the same JSON value, and safe on a terminal.
+    """
+    text = json.dumps(data, indent=1, ensure_ascii=False)
+    if text.replace("\n", "").isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() or ch == "\n" else "".join(
+            f"\\u{unit:04x}" for unit in _utf16_units(ch)
+        )
+        for ch in text
+    )
+
+
+def _utf16_units(ch: str) -> list[int]:
+    raw = ch.encode("utf-16-be", "surrogatepass")
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
 class UsageError(Exception):
     """A command line that cannot be run."""
 
@@ -168,7 +200,7 @@ class Invocation:
         try:
             self.port = int(args.port)
         except ValueError:
-            raise UsageError(f"port must be a number, not {args.port!r}") from None
+            raise UsageError(f"port must be a number, not '{args.port}'") from None
         if not 0 < self.port < 65536:
             raise UsageError(f"port out of range: {self.port}")
         words: list[str] = args.words
@@ -224,7 +256,7 @@ class TqdmProgress(Progress):
         self._bar = tqdm(
             total=total,
             initial=done,
-            desc=name,
+            desc=wire.printable(name),
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
@@ -250,7 +282,7 @@ def tls_creator(inv: Invocation, err: IO[str]) -> Any:
     except ImportError:  # pragma: no cover - depends on the install
         raise UsageError("--tls needs the TLS extra: pip install 'filecache[tls]'") from None
     if inv.insecure:
-        err.write("filecache-client: warning: --insecure: the server's certificate is not checked\n")
+        say(err, "warning: --insecure: the server's certificate is not checked")
         return _UnverifiedTLS(inv.host)
     if inv.cafile:
         try:
@@ -306,15 +338,13 @@ def print_listing(rows: Sequence[wire.ListRow], as_json: bool, out: IO[str]) -> 
             {"path": r.path, "size": r.size, "mtime": r.mtime, "cached": r.cached}
             for r in rows
         ]
-        json.dump(data, out, indent=1, ensure_ascii=False)
-        out.write("\n")
+        out.write(json_text(data) + "\n")
         return
     sizes = [human_size(r.size) for r in rows]
     width = max([len(s) for s in sizes] + [4])
     out.write(f"{'SIZE':>{width}}  C  NAME\n")
     for row, size in zip(rows, sizes):
-        shown = row.path.encode("unicode_escape").decode("ascii") if not row.path.isprintable() else row.path
-        out.write(f"{size:>{width}}  {'C' if row.cached else '-'}  {shown}\n")
+        out.write(f"{size:>{width}}  {'C' if row.cached else '-'}  {wire.printable(row.path)}\n")
     total = sum(r.size for r in rows)
     cached = sum(1 for r in rows if r.cached)
     out.write(f"{len(rows)} files, {human_size(total)}, {cached} cached\n")
@@ -322,11 +352,11 @@ def print_listing(rows: Sequence[wire.ListRow], as_json: bool, out: IO[str]) -> 
 
 def print_stats(stats: Sequence[tuple[str, wire.StatValue]], as_json: bool, out: IO[str]) -> None:
     if as_json:
-        json.dump(dict(stats), out, indent=1)
-        out.write("\n")
+        out.write(json_text(dict(stats)) + "\n")
         return
-    width = max([len(k) for k, _ in stats] + [1])
-    for key, value in stats:
+    shown = [(wire.printable(key), wire.printable(str(value))) for key, value in stats]
+    width = max([len(k) for k, _ in shown] + [1])
+    for key, value in shown:
         out.write(f"{key:<{width}}  {value}\n")
 
 
@@ -365,7 +395,7 @@ async def get_all(
     show_bar = not inv.quiet and err.isatty()
 
     def retrying(name: str, error: BaseException, delay: float) -> None:
-        err.write(f"filecache-client: {name}: {describe(error)}; retrying in {delay:g} s\n")
+        say(err, f"{name}: {describe(error)}; retrying in {delay:g} s")
 
     for index, name in enumerate(inv.names):
         try:
@@ -387,13 +417,13 @@ async def get_all(
                 raise Interrupted(stop.signum, unfinished(inv, index)) from None
             if not isinstance(e, (ServerError, LocalError, BrokenReply, ConnectionLostEarly, ConnectError)):
                 raise
-            err.write(f"filecache-client: {name}: {describe(e)}\n")
+            say(err, f"{name}: {describe(e)}")
             status = status or exit_status(e)
             if isinstance(e, (ConnectionLostEarly, ConnectError)):
                 # Retries are spent: the server is out of reach for the rest too.
                 return status
             continue
-        out.write(f"{saved}\n")
+        out.write(f"{wire.printable(saved)}\n")
     return status
 
 
@@ -415,10 +445,10 @@ def unfinished(inv: Invocation, index: int) -> list[str]:
 
 def report(error: BaseException, err: IO[str]) -> None:
     """Say on C{err} why the client stops."""
-    err.write(f"filecache-client: {describe(error)}\n")
+    say(err, describe(error))
     if isinstance(error, Interrupted):
         for line in error.unfinished:
-            err.write(f"filecache-client: {line}\n")
+            say(err, line)
 
 
 def describe(error: BaseException) -> str:
@@ -500,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _main(argv)
     except KeyboardInterrupt:
         # Ctrl-C before drive() took SIGINT over (while starting up).
-        sys.stderr.write("filecache-client: interrupted by SIGINT\n")
+        say(sys.stderr, "interrupted by SIGINT")
         raise SystemExit(EXIT_SIGNAL_BASE + signal.SIGINT) from None
 
 
@@ -509,7 +539,7 @@ def _main(argv: Sequence[str] | None) -> None:
     try:
         inv = Invocation(args)
     except UsageError as e:
-        sys.stderr.write(f"filecache-client: {e}\n")
+        say(sys.stderr, str(e))
         raise SystemExit(EXIT_USAGE) from None
 
     from twisted.internet import reactor

@@ -79,7 +79,7 @@ def destination(folder: str, path: str) -> str:
     try:
         parts = split_path(path)
     except PathError:
-        raise LocalError(f"refusing to save {path!r}: not a plain relative path") from None
+        raise LocalError(f"refusing to save '{path}': not a plain relative path") from None
     return os.path.join(folder, *parts)
 
 
@@ -130,18 +130,18 @@ def make_parents(folder: str, path: str) -> list[str]:
         for part in split_path(path)[:-1]:
             current = os.path.join(current, part)
             if not _inside(root, current):
-                raise LocalError(f"refusing to save {path!r}: {current} leads outside {folder}")
+                raise LocalError(f"refusing to save '{path}': {current} leads outside {folder}")
             try:
                 os.mkdir(current)
             except FileExistsError:
                 if not os.path.isdir(current):
-                    raise LocalError(f"cannot save {path!r}: {current} is not a folder") from None
+                    raise LocalError(f"cannot save '{path}': {current} is not a folder") from None
             except OSError as e:
                 raise LocalError(f"cannot create {current}: {e.strerror}") from None
             else:
                 created.append(current)
             if not _inside(root, current):
-                raise LocalError(f"refusing to save {path!r}: {current} leads outside {folder}")
+                raise LocalError(f"refusing to save '{path}': {current} leads outside {folder}")
     except BaseException:
         remove_empty_folders(created)
         raise

@@ -482,7 +482,7 @@ def test_names_that_escape_the_destination_are_refused(out: Path, name: str) -> 
         server.wait_connection_ended()
     assert result.returncode == 5
     assert stderr_lines(result) == [
-        PROG + f"{name}: refusing to save {name!r}: not a plain relative path"
+        PROG + wire.printable(f"{name}: refusing to save '{name}': not a plain relative path")
     ]
     assert result.stdout == ""
     assert server.requests in NO_GET
@@ -787,6 +787,66 @@ def test_list_is_printed_sorted_by_path() -> None:
         "a/z.txt",
         "b.txt",
     ]
+
+
+# What the server sends is escaped before it is printed (issue 8, item 19)
+
+HOSTILE = b"\x1b]0;owned\x07\x1b[2J\rfake line\x9b"
+
+
+def assert_inert(text: str) -> None:
+    """No escape, bell, carriage return, DEL or C1 control reaches the terminal."""
+    bad = [ch for ch in text if not ch.isprintable() and ch != "\n"]
+    assert bad == [], bad
+
+
+def test_an_err_text_from_the_server_is_escaped(out: Path) -> None:
+    """An ERR line carrying OSC, CSI, BEL and CR sequences is printed escaped, code and text alike."""
+    script = {
+        b"GET f.bin": Reply(b"ERR unavailable " + HOSTILE + b"\r\n"),
+        b"GET g.bin": Reply(b"ERR \x1b[31mbusy x\r\n"),
+    }
+    with FakeServer(script) as server:
+        result = get(server, out, "f.bin", "g.bin")
+    assert result.returncode == 1
+    assert_inert(result.stderr)
+    assert stderr_lines(result) == [
+        PROG + "f.bin: server error unavailable: \\x1b]0;owned\\x07\\x1b[2J\\x0dfake line\ufffd",
+        PROG + "g.bin: server error \\x1b[31mbusy: x",
+    ]
+
+
+def test_listed_names_are_escaped_in_the_table_and_in_json() -> None:
+    """
+    Names with ESC, BEL, DEL and U+009B (a C1 control json leaves raw):
+    the table shows them escaped, and --json escapes them as \\u so the
+    output is inert and still decodes to the same names.
+    """
+    names = ["\x1b]0;x\x07evil", "del\x7f", "csi\u009b2J"]
+    rows = b"".join(b"1 1700000000 - " + wire.quote_path(n) + b"\r\n" for n in names)
+    reply = Reply(b"OK\r\n" + rows + b"END 3\r\n")
+    with FakeServer({b"LIST": reply}) as server:
+        table = list_via(server)
+        as_json = run_client("127.0.0.1", str(server.port), "list", "--json", timeout=30)
+    assert table.returncode == 0 and as_json.returncode == 0
+    assert_inert(table.stdout)
+    shown = sorted(line.split("  ")[-1] for line in table.stdout.splitlines()[1:4])
+    assert shown == sorted(wire.printable(n) for n in names)
+    assert_inert(as_json.stdout)
+    assert sorted(e["path"] for e in json.loads(as_json.stdout)) == sorted(names)
+
+
+def test_stats_keys_from_the_server_are_escaped() -> None:
+    """A STATS key holding a CSI sequence is printed escaped, as text and as JSON."""
+    reply = Reply(b"OK 2\r\n\x1b[2Jhits 1\r\nversion 1.0\r\n")
+    with FakeServer({b"STATS": reply}) as server:
+        text = run_client("127.0.0.1", str(server.port), "stats", timeout=30)
+        as_json = run_client("127.0.0.1", str(server.port), "stats", "--json", timeout=30)
+    assert text.returncode == 0 and as_json.returncode == 0
+    assert_inert(text.stdout)
+    assert text.stdout.splitlines()[0].split() == ["\\x1b[2Jhits", "1"]
+    assert_inert(as_json.stdout)
+    assert json.loads(as_json.stdout) == {"\x1b[2Jhits": 1, "version": "1.0"}
 
 
 # FileCacheClientProtocol in memory
