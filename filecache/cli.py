@@ -35,6 +35,9 @@ EXIT_USAGE = 2
 EXIT_CONNECTION = 3
 EXIT_INTEGRITY = 4
 EXIT_LOCAL = 5
+EXIT_BROKEN_PIPE = 141
+"""stdout was closed before all output was written (C{list | head -1}):
+what a shell reports for a tool that SIGPIPE ended; nothing is printed."""
 EXIT_SIGNAL_BASE = 128
 """Stopped by a signal: 128 + its number, as a shell reports it (130 for
 SIGINT, 143 for SIGTERM)."""
@@ -55,6 +58,7 @@ exit status:
   2 usage error                5 local error (destination exists, cannot write)
   130 interrupted (Ctrl-C, SIGINT), 143 terminated (SIGTERM): partial
       downloads are kept, and the same get resumes them
+  141 stdout was closed before all output was written (`list | head -1`)
 """
 
 
@@ -68,21 +72,24 @@ def say(err: IO[str], text: str) -> None:
     err.write(f"filecache-client: {wire.printable(text)}\n")
 
 
-def json_text(data: object) -> str:
+def write_json(data: object, out: IO[str]) -> None:
     """
-    C{data} as indented JSON, with every character that is not printable
-    (DEL, C1 controls such as U+009B, which json leaves raw) as a \\u
-    escape: still the same JSON value, and safe on a terminal.
+    C{data} as indented JSON on C{out}, with every character that is not
+    printable (DEL, C1 controls such as U+009B, which json leaves raw) as a
+    \\u escape: still the same JSON value, and safe on a terminal.  Written
+    in the encoder's small pieces: one huge write to a pipe whose reader
+    has gone can end in a short write that Python does not report.
     """
-    text = json.dumps(data, indent=1, ensure_ascii=False)
-    if text.replace("\n", "").isprintable():
-        return text
-    return "".join(
-        ch if ch.isprintable() or ch == "\n" else "".join(
-            f"\\u{unit:04x}" for unit in _utf16_units(ch)
-        )
-        for ch in text
-    )
+    for piece in json.JSONEncoder(indent=1, ensure_ascii=False).iterencode(data):
+        if not piece.replace("\n", "").isprintable():
+            piece = "".join(
+                ch if ch.isprintable() or ch == "\n" else "".join(
+                    f"\\u{unit:04x}" for unit in _utf16_units(ch)
+                )
+                for ch in piece
+            )
+        out.write(piece)
+    out.write("\n")
 
 
 def _utf16_units(ch: str) -> list[int]:
@@ -338,7 +345,7 @@ def print_listing(rows: Sequence[wire.ListRow], as_json: bool, out: IO[str]) -> 
             {"path": r.path, "size": r.size, "mtime": r.mtime, "cached": r.cached}
             for r in rows
         ]
-        out.write(json_text(data) + "\n")
+        write_json(data, out)
         return
     sizes = [human_size(r.size) for r in rows]
     width = max([len(s) for s in sizes] + [4])
@@ -352,7 +359,7 @@ def print_listing(rows: Sequence[wire.ListRow], as_json: bool, out: IO[str]) -> 
 
 def print_stats(stats: Sequence[tuple[str, wire.StatValue]], as_json: bool, out: IO[str]) -> None:
     if as_json:
-        out.write(json_text(dict(stats)) + "\n")
+        write_json(dict(stats), out)
         return
     shown = [(wire.printable(key), wire.printable(str(value))) for key, value in stats]
     width = max([len(k) for k, _ in shown] + [1])
@@ -444,7 +451,9 @@ def unfinished(inv: Invocation, index: int) -> list[str]:
 
 
 def report(error: BaseException, err: IO[str]) -> None:
-    """Say on C{err} why the client stops."""
+    """Say on C{err} why the client stops (nothing when stdout was closed: the reader left)."""
+    if isinstance(error, BrokenPipeError):
+        return
     say(err, describe(error))
     if isinstance(error, Interrupted):
         for line in error.unfinished:
@@ -478,6 +487,8 @@ def exit_status(error: BaseException) -> int:
         return EXIT_LOCAL
     if isinstance(error, Interrupted):
         return EXIT_SIGNAL_BASE + error.signum
+    if isinstance(error, BrokenPipeError):
+        return EXIT_BROKEN_PIPE
     return EXIT_CONNECTION
 
 
@@ -545,5 +556,15 @@ def _main(argv: Sequence[str] | None) -> None:
     from twisted.internet import reactor
 
     status = drive(reactor, inv, sys.stdout, sys.stderr)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        status = status or EXIT_BROKEN_PIPE
+    if status == EXIT_BROKEN_PIPE:
+        # What is still buffered cannot be written; without this, Python's
+        # flush at exit would print "Exception ignored ... Broken pipe".
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     if status:
         raise SystemExit(status)

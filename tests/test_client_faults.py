@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
-from conftest import run_client
+from conftest import run_client, tool
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -787,6 +787,37 @@ def test_list_is_printed_sorted_by_path() -> None:
         "a/z.txt",
         "b.txt",
     ]
+
+
+# A reader that leaves early (issue 8, item 20)
+
+
+@pytest.mark.parametrize("form", [(), ("--json",)], ids=["table", "json"])
+def test_list_into_head_ends_quietly_with_141(form: tuple[str, ...]) -> None:
+    """
+    `list | head -1` with a listing larger than the pipe: head exits after
+    one line, and the client ends with status 141 (as a tool ended by
+    SIGPIPE) and nothing on stderr, not "[Errno 32] Broken pipe" and 3.
+    """
+    rows = b"".join(b"%d 1700000000 - file-%05d.txt\r\n" % (i, i) for i in range(20_000))
+    with FakeServer({b"LIST": Reply(b"OK\r\n" + rows + b"END 20000\r\n")}) as server:
+        client = subprocess.Popen(
+            [tool("filecache-client"), "127.0.0.1", str(server.port), "list", *form],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None and client.stderr is not None
+        head = subprocess.run(
+            ["head", "-1"], stdin=client.stdout, capture_output=True, text=True, timeout=30, check=False
+        )
+        client.stdout.close()
+        stderr = client.stderr.read()
+        client.wait(30)
+    assert head.stdout in ("[\n", "    SIZE  C  NAME\n")
+    assert client.returncode == 141
+    assert stderr == ""
 
 
 # What the server sends is escaped before it is printed (issue 8, item 19)
