@@ -6,12 +6,13 @@ progress bar, show its figures.  Exceptions become exit statuses here only.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
@@ -247,6 +248,34 @@ class Invocation:
             raise UsageError("give --cafile or --insecure, not both")
 
 
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {done}/{size} [{elapsed}<{remaining}, {speed}]"
+"""The progress bar: sizes and rate in the binary units `list` uses (KiB, MiB)."""
+
+
+@functools.cache
+def _bar_class() -> Any:
+    # tqdm is imported only when a bar is shown.
+    from tqdm import tqdm
+
+    class BinaryBar(tqdm):  # type: ignore[type-arg]
+        """A tqdm bar whose figures are human_size()s: 1 KiB is 1024 bytes, and says so."""
+
+        @property
+        def format_dict(self) -> MutableMapping[str, Any]:
+            figures = super().format_dict
+            rate = figures["rate"]
+            elapsed = figures["elapsed"]
+            if rate is None and elapsed:
+                rate = (figures["n"] - figures["initial"]) / elapsed
+            figures["done"] = human_size(int(figures["n"]))
+            total = figures["total"]
+            figures["size"] = "?" if total is None else human_size(int(total))
+            figures["speed"] = "?" if rate is None else human_size(int(rate)) + "/s"
+            return figures
+
+    return BinaryBar
+
+
 class TqdmProgress(Progress):
     """A tqdm bar per file on stderr."""
 
@@ -258,15 +287,12 @@ class TqdmProgress(Progress):
     def start(self, name: str, total: int, done: int) -> None:
         if not self._enabled:
             return
-        from tqdm import tqdm
-
-        self._bar = tqdm(
+        self._bar = _bar_class()(
             total=total,
             initial=done,
             desc=wire.printable(name),
             unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
+            bar_format=BAR_FORMAT,
             file=self._stream,
             leave=True,
             dynamic_ncols=True,

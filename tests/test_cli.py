@@ -5,7 +5,9 @@ shows on a terminal (a real pseudo-terminal here) and nowhere else.
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, run_client, tool
 
-from filecache.cli import Invocation, UsageError, build_parser, human_size
+from filecache.cli import Invocation, TqdmProgress, UsageError, build_parser, human_size
 
 
 def parse(*argv: str) -> Invocation:
@@ -31,6 +33,23 @@ def test_human_sizes() -> None:
     assert human_size(1536) == "1.5 KiB"
     assert human_size(64 * 1024 * 1024) == "64.0 MiB"
     assert human_size(3 * 1024**4) == "3.0 TiB"
+
+
+def test_progress_bar_uses_the_units_list_uses() -> None:
+    """
+    The bar's sizes and rate are human_size()s (1 KiB = 1024 bytes, labelled
+    KiB), not tqdm's 1024-divided figures labelled k and MB/s.
+    """
+    stream = io.StringIO()
+    bar = TqdmProgress(stream, enabled=True)
+    bar.start("f.bin", 5 * 1024 * 1024, 1024 * 1024)
+    bar.advance(2 * 1024 * 1024)
+    bar.close()
+    shown = stream.getvalue()
+    assert "f.bin:  60%|" in shown
+    assert "3.0 MiB/5.0 MiB [" in shown
+    assert re.search(r"\d+\.\d (KiB|MiB|GiB)/s\]", shown)
+    assert "MB/s" not in shown and "kB/s" not in shown
 
 
 def test_command_forms() -> None:
@@ -84,7 +103,10 @@ def test_progress_bar_on_a_terminal(shared: Path, daemon: Daemon, tmp_path: Path
     assert result.returncode == 0, result.stdout + result.stderr
     screen = typescript.read_text(errors="replace").replace("\r", "\n")
     assert "bar.bin: 100%|" in screen
-    assert "293k/293k" in screen
+    # The same binary units as `list`: 300,000 bytes are 293.0 KiB, the rate in KiB/s or MiB/s.
+    assert "293.0 KiB/293.0 KiB" in screen
+    assert re.search(r"\d+\.\d (KiB|MiB|GiB)/s\]", screen)
+    assert not re.search(r"\d(k|M|G)B/s", screen)
     assert (out / "bar.bin").read_bytes() == b"x" * 300_000
     quiet = subprocess.run(
         ["script", "-qec", f"stty cols 100 rows 20; {command} --force --quiet", str(typescript)],
