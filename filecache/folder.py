@@ -9,7 +9,6 @@ import errno
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -23,10 +22,10 @@ _ABSENT = frozenset(
 )
 
 
-SETTLE_NS = 1_000_000_000
-"""A file whose change time is this recent may have a write under way."""
-
-_READ_TRIES = 3
+SETTLE = 0.05
+"""Seconds after a file's last change before one read of it is trusted: a
+write stamps the change time before it copies its bytes, so a write still
+copying (its writer preempted, say) cannot be seen in the file's state."""
 
 MAX_WALK_ENTRIES = 1_000_000
 """The most directory entries one walk looks at before it gives up."""
@@ -240,33 +239,23 @@ class SharedFolder:
 
     def read_whole(self, opened: OpenedFile) -> bytes:
         """
-        The whole content of a small file, as one version of it.
+        The whole content of a small file, checked against its state: a
+        write that began after it was opened changes its change time, so a
+        read that overlapped one is refused.  (A write already under way
+        when it was opened changes nothing visible afterwards: see
+        L{SETTLE}, which the caller applies.)
 
-        The file is read, then its state is checked again: a write that began
-        after it was opened changes its change time.  A write already under
-        way when it was opened changes nothing visible afterwards, so a file
-        changed within the last L{SETTLE_NS} is read twice and both reads
-        must agree.
-
-        @raise Unreadable: on a read error, or if the file keeps changing.
+        @raise Unreadable: on a read error, or if the file changed.
         """
         size = opened.stat.size
-        before = opened.stat
-        for _ in range(_READ_TRIES):
-            try:
-                data = os.pread(opened.fd, size + 1, 0)
-                after = FileStat.of(os.fstat(opened.fd))
-                if after == before and len(data) == size:
-                    if time.time_ns() - after.ctime_ns > SETTLE_NS:
-                        return data
-                    again = os.pread(opened.fd, size + 1, 0)
-                    if again == data and FileStat.of(os.fstat(opened.fd)) == before:
-                        return data
-            except OSError as e:
-                raise Unreadable(opened.path, e) from None
-            if after != before:
-                break  # a new version: the caller opens it afresh
-        raise Unreadable(opened.path, OSError(0, "file changed while being read; try again"))
+        try:
+            data = os.pread(opened.fd, size + 1, 0)
+            after = FileStat.of(os.fstat(opened.fd))
+        except OSError as e:
+            raise Unreadable(opened.path, e) from None
+        if after != opened.stat or len(data) != size:
+            raise Unreadable(opened.path, OSError(0, "file changed while being read; try again"))
+        return data
 
     def walk(self, *, max_entries: int = MAX_WALK_ENTRIES, max_depth: int = MAX_WALK_DEPTH) -> FolderWalk:
         """A walk of every shared regular file; the caller must L{FolderWalk.close} it."""
@@ -365,20 +354,43 @@ class FolderWalk:
             fd = os.open(self._folder.root, _DIR_FLAGS)
             self._push(fd, b"")
         found: list[R] = []
+        append = found.append
+        is_reg = stat.S_ISREG
         budget = step
         stack = self._stack
         while stack and budget > 0:
             level = stack[-1]
+            prefix = level.prefix
+            if self._seen + budget > self._max_entries:
+                budget = self._max_entries - self._seen + 1
+            seen = 0
             for entry in level.entries:
-                budget -= 1
-                self._seen += 1
-                if self._seen > self._max_entries:
-                    raise WalkTooLarge(f"more than {self._max_entries} entries")
-                self._visit(level, entry, row, found)
-                if budget <= 0 or stack[-1] is not level:
+                seen += 1
+                name = entry.name
+                # The common case inline (a plain, visible, regular file):
+                # the type comes from the directory entry, one stat follows.
+                if name[0] != "." and "\\" not in name and entry.is_file(follow_symlinks=False):
+                    try:
+                        encoded = prefix + name.encode("utf-8")
+                        st = entry.stat(follow_symlinks=False)
+                    except UnicodeEncodeError:
+                        pass
+                    except OSError as e:
+                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                            raise
+                    else:
+                        if is_reg(st.st_mode):
+                            append(row(encoded, st))
+                else:
+                    self._visit(level, entry, row, found)
+                if seen >= budget or stack[-1] is not level:
                     break
             else:
                 stack.pop().close()
+            budget -= seen
+            self._seen += seen
+            if self._seen > self._max_entries:
+                raise WalkTooLarge(f"more than {self._max_entries} entries")
         return found if (found or stack) else None
 
     def _visit(

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -37,6 +37,19 @@ class ListResult:
 
 def _nothing() -> None:
     pass
+
+
+def _unknown() -> int | None:
+    return None
+
+
+KERNEL_QUEUE = 64 * 1024
+"""No next step while more than this waits unsent in the kernel's send queue:
+a socket's send buffer can grow to megabytes, and an unread listing would
+otherwise walk that much of the folder before Twisted pushed back."""
+
+_POLL_FIRST = 0.01
+_POLL_MOST = 1.0
 
 
 @implementer(IPushProducer)
@@ -73,17 +86,33 @@ class ListBody:
         self._closed = False
         self._rows = 0
         self._sent = 0
+        self._unsent: Callable[[], int | None] = _unknown
+        self._call_later: Callable[[float, Callable[[], None]], IDelayedCall] | None = None
+        self._poll: IDelayedCall | None = None
+        self._poll_delay = _POLL_FIRST
 
     def send(
-        self, consumer: IConsumer, on_progress: Callable[[], object] = _nothing
+        self,
+        consumer: IConsumer,
+        on_progress: Callable[[], object] = _nothing,
+        *,
+        unsent: Callable[[], int | None] = _unknown,
+        call_later: Callable[[float, Callable[[], None]], IDelayedCall] | None = None,
     ) -> Deferred[ListResult]:
         """
         Write the rows and the closing line to C{consumer}.  Fires with a
         L{ListResult}; fails with L{filecache.transfer.TransferFailed} if
         the consumer stops us (the connection was lost).
+
+        @param unsent: the bytes waiting in the kernel's send queue (or
+            C{None} if unknown); with C{call_later}, production waits while
+            more than L{KERNEL_QUEUE} wait there, looking again a little
+            later each time (up to once a second).
         """
         self._consumer = consumer
         self._on_progress = on_progress
+        self._unsent = unsent
+        self._call_later = call_later
         done: Deferred[ListResult] = Deferred()
         self._done = done
         consumer.registerProducer(self, True)
@@ -101,6 +130,14 @@ class ListBody:
     def _next(self) -> None:
         if self._paused or self._step is not None or self._done is None or self._closed:
             return
+        if self._call_later is not None:
+            queued = self._unsent()
+            if queued is not None and queued > KERNEL_QUEUE:
+                if self._poll is None:
+                    self._poll = self._call_later(self._poll_delay, self._look_again)
+                    self._poll_delay = min(self._poll_delay * 2, _POLL_MOST)
+                return
+            self._poll_delay = _POLL_FIRST
         step = self._run_blocking(self._produce)
         self._step = step
         step.addCallbacks(self._got, self._failed)
@@ -149,7 +186,14 @@ class ListBody:
         self._sent += len(line)
         done.callback(ListResult(self._rows, self._sent, error))
 
+    def _look_again(self) -> None:
+        self._poll = None
+        self._next()
+
     def _close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
         if not self._closed:
             self._closed = True
             self._walk.close()

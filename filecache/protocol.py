@@ -301,7 +301,12 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         self._progressed()
         body = reply.body
         if isinstance(body, ListBody):
-            body.send(transport, on_progress=self._progressed).addCallbacks(
+            body.send(
+                transport,
+                on_progress=self._progressed,
+                unsent=lambda: unsent_bytes(self._queue_socket),
+                call_later=self.factory.clock.callLater,
+            ).addCallbacks(
                 self._list_sent,
                 self._body_failed,
                 callbackArgs=(reply, line, started),

@@ -9,17 +9,20 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from stat import S_ISREG
+from typing import cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from filecache import __version__, wire
 from filecache.cache import CacheEntry, ICache
 from filecache.diskwork import BlockingRunner, run_now
 from filecache.folder import (
+    SETTLE,
     NotShared,
     OpenedFile,
     SharedFolder,
@@ -175,9 +178,14 @@ class FileCacheServer:
         cache: ICache,
         run_blocking: BlockingRunner = run_now,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        reactor: IReactorTime | None = None,
+        settle: float = SETTLE,
         worker: int = 0,
     ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = cast(IReactorTime, global_reactor)
         self.folder = folder
         self.cache = cache
         self.counters = Counters()
@@ -185,8 +193,9 @@ class FileCacheServer:
         self._run_blocking = run_blocking
         self._filling: set[str] = set()
         self._hashing: dict[str, _SharedHash] = {}
-        self._clock = clock
-        self._started = clock()
+        self._reactor = reactor
+        self._settle = settle
+        self._started = reactor.seconds()
         self._worker = worker
 
     def respond(self, request: wire.Request) -> Reply | Deferred[Reply]:
@@ -221,15 +230,7 @@ class FileCacheServer:
             opened.close()
             return self._from_memory(known.data, request.offset, known.digest, st.version, "hit")
         if st.size <= INLINE_LIMIT:
-            try:
-                data = self.folder.read_whole(opened)
-            except Unreadable as e:
-                return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
-            finally:
-                opened.close()
-            digest = sha256_hex(data)
-            self.cache.insert(path, CacheEntry(data, st.version, digest, st.mtime, opened.source))
-            return self._from_memory(data, request.offset, digest, st.version, "miss")
+            return self._small(opened, request.offset)
         whole = request.offset == 0
         known_digest = self.digests.get(st.version) if whole else None
         fill = whole and self._reserve_fill(path, st.size)
@@ -238,6 +239,47 @@ class FileCacheServer:
         return Reply(
             wire.format_get_status(length, st.version), "OK", body, "miss", length
         )
+
+    def _small(self, opened: OpenedFile, offset: int) -> Reply | Deferred[Reply]:
+        """
+        A small file read whole on this thread.  One that changed less than
+        C{settle} seconds ago is read again once that time has passed, and
+        both reads must agree: only then is it a whole version.
+        """
+        try:
+            data = self.folder.read_whole(opened)
+        except Unreadable as e:
+            opened.close()
+            return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
+        age = time.time_ns() - opened.stat.ctime_ns
+        wait = min(self._settle, self._settle - age / 1e9)
+        if wait <= 0:
+            opened.close()
+            return self._read_small(opened, data, offset)
+
+        def again() -> Reply:
+            try:
+                if self.folder.read_whole(opened) != data:
+                    raise Unreadable(opened.path, OSError(0, "file changed while being read; try again"))
+            except Unreadable as e:
+                return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
+            finally:
+                opened.close()
+            return self._read_small(opened, data, offset)
+
+        def cancelled(reason: Failure) -> Failure:
+            opened.close()  # the client left before the second read
+            return reason
+
+        return deferLater(self._reactor, wait, again).addErrback(cancelled)
+
+    def _read_small(self, opened: OpenedFile, data: bytes, offset: int) -> Reply:
+        st = opened.stat
+        digest = sha256_hex(data)
+        self.cache.insert(opened.path, CacheEntry(data, st.version, digest, st.mtime, opened.source))
+        reply = self._from_memory(data, offset, digest, st.version, "miss")
+        assert isinstance(reply, Reply)  # a small body is never hashed in steps
+        return reply
 
     def _open(self, path: str) -> OpenedFile | Reply:
         """The shared file C{path} opened, or the error reply that says why not."""
@@ -445,6 +487,8 @@ class FileCacheServer:
 
         def marked(path: bytes, st: os.stat_result) -> bool:
             # Called in a disk thread: one dict lookup, atomic under the GIL.
+            if not len(cache):
+                return False
             entry = cache.peek(path.decode("utf-8"))
             return entry is not None and entry.version == version_token(st)
 
@@ -464,7 +508,7 @@ class FileCacheServer:
             ("connections_total", c.connections_total),
             ("bytes_sent", c.bytes_sent),
             ("requests", c.requests),
-            ("uptime_seconds", int(self._clock() - self._started)),
+            ("uptime_seconds", int(self._reactor.seconds() - self._started)),
             ("version", __version__),
             ("worker", self._worker),
             ("pid", os.getpid()),

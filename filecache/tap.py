@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from typing import Any, ClassVar, TextIO, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
@@ -26,15 +25,14 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from filecache.cache import FifoCache
+from filecache.diskwork import DiskWork
 from filecache.folder import SharedFolder
 from filecache.protocol import FileCacheFactory, parse_allow
 from filecache.server import FileCacheServer
@@ -300,6 +298,12 @@ class Options(usage.Options):
             ),
         ],
         [
+            "worker-index",
+            None,
+            "0",
+            "Internal, used by --workers: this worker's number, which STATS reports.",
+        ],
+        [
             "max-connections",
             None,
             "1024",
@@ -362,6 +366,7 @@ class Options(usage.Options):
                 "--workers with an ssl: port is not supported: run one worker, "
                 "or end TLS in front (HAProxy) and serve tcp: behind it"
             )
+        self["worker-index"] = _number("--worker-index", self["worker-index"], int)
         if self["inherit-fd"] is not None:
             try:
                 fd, family = (int(part) for part in self["inherit-fd"].split(":"))
@@ -399,24 +404,15 @@ def _number(option: str, text: str, kind: type) -> Any:
     return value
 
 
-class ThreadPoolService(Service):
-    """A thread pool for blocking disk work, started and stopped with us."""
+class DiskWorkService(Service):
+    """The disk threads, started with the daemon and stopped once it has drained."""
 
-    def __init__(self, pool: ThreadPool, reactor: Any) -> None:
-        self.pool = pool
-        self._reactor = reactor
+    def __init__(self, disk: DiskWork) -> None:
+        self.disk = disk
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        self.pool.stop()
-        return None
-
-    def run(self, work: Callable[[], T]) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self.pool, work)
+        self.disk.start()
 
 
 class DrainService(Service):
@@ -428,10 +424,13 @@ class DrainService(Service):
 
     _log = Logger()
 
-    def __init__(self, factory: FileCacheFactory, timeout: float, reactor: Any) -> None:
+    def __init__(
+        self, factory: FileCacheFactory, timeout: float, reactor: Any, disk: DiskWork | None = None
+    ) -> None:
         self._factory = factory
         self._timeout = timeout
         self._reactor = reactor
+        self._disk = disk
 
     def startService(self) -> None:
         super().startService()
@@ -451,7 +450,13 @@ class DrainService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self._factory.drain(self._timeout)
+        drained = self._factory.drain(self._timeout)
+        disk = self._disk
+        if disk is not None:
+            # Only once no reply needs them: steps not yet started are
+            # dropped, and the one under way in each thread is short.
+            drained.addBoth(lambda result: disk.stop())
+        return drained
 
 
 class _Announcer(Service):
@@ -483,12 +488,14 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     top = MultiService()
-    pool = ThreadPoolService(ThreadPool(minthreads=0, maxthreads=4, name="filecache-disk"), reactor)
-    pool.setServiceParent(top)
+    disk = DiskWork(reactor)
+    DiskWorkService(disk).setServiceParent(top)
     server = FileCacheServer(
         SharedFolder(config["dir"]),
         FifoCache(config["cache-size"]),
-        run_blocking=pool.run,
+        run_blocking=disk,
+        reactor=reactor,
+        worker=config["worker-index"],
     )
     factory = FileCacheFactory(
         server,
@@ -516,6 +523,6 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     else:
         listener = StreamServerEndpointService(endpoint, factory)
     listener.setServiceParent(top)
-    DrainService(factory, config["drain-timeout"], reactor).setServiceParent(top)
+    DrainService(factory, config["drain-timeout"], reactor, disk).setServiceParent(top)
     _Announcer(config).setServiceParent(top)
     return top

@@ -196,6 +196,8 @@ class WorkerPool(Service):
             *self._worker_args,
             "--inherit-fd",
             f"{fd}:{family}",
+            "--worker-index",
+            str(number),
         ]
         worker = _Worker(self, number)
         process = self._reactor.spawnProcess(

@@ -31,7 +31,7 @@ class AbortableTransport(StringTransport):
 
 
 def make_factory(root: Path, clock: Clock, **limits: object) -> FileCacheFactory:
-    server = FileCacheServer(SharedFolder(str(root)), FifoCache(1 << 20))
+    server = FileCacheServer(SharedFolder(str(root)), FifoCache(1 << 20), settle=0)
     return FileCacheFactory(server, clock=clock, access_log=False, **limits)  # type: ignore[arg-type]
 
 

@@ -136,8 +136,10 @@ def start(
         folder = SharedFolder(str(folder))
     # No per-entry overhead here: these tests count the budget in content
     # bytes; tests/test_cache.py pins the overhead.
-    server = FileCacheServer(folder, FifoCache(capacity, entry_overhead=0))
     clock = Clock()
+    # settle=0: these files were all just written, and a test that wants
+    # the second read of a fresh file says so (test_fresh_small_file_*).
+    server = FileCacheServer(folder, FifoCache(capacity, entry_overhead=0), reactor=clock, settle=0)
     factory = FileCacheFactory(server, clock=clock, access_log=access_log)
     return server, factory, clock
 
