@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import RawClient, wait_for
+from conftest import RawClient, stats, wait_for
 
 
 def worker_pids(log: str) -> list[int]:
@@ -53,6 +53,27 @@ def test_workers_share_the_port(shared: Path, daemon_factory) -> None:
     by_worker = len(re.findall(r"worker 1: \[filecache\.protocol\.FileCacheProtocol#info\] .* GET a\.txt OK", log))
     by_parent = len(re.findall(r"\] 127\.0\.0\.1:\d+ GET a\.txt OK", log)) - by_worker
     assert (by_worker, by_parent) == (10, 10)
+
+
+def test_stats_says_which_worker_answered(shared: Path, daemon_factory) -> None:
+    """
+    With --workers 2, STATS names the process that answered: worker 0 is
+    the parent, worker 1 the child, each with its own pid (issue 8, item 15).
+    """
+    daemon = daemon_factory(shared, "--workers", "2")
+    wait_for(lambda: "worker 1: [-] FileCacheFactory starting on" in daemon.log_text(), 20, "the worker")
+    worker = worker_pids(daemon.log_text())[0]
+    seen = {}
+    for stopped, answering in ((daemon.pid, worker), (worker, daemon.pid)):
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            figures = stats(daemon.port)
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert figures["pid"] == answering
+        seen[figures["worker"]] = figures["pid"]
+        assert figures["uptime_seconds"] >= 0
+    assert seen == {0: daemon.pid, 1: worker}
 
 
 def test_dead_worker_is_replaced_and_sigterm_stops_all(shared: Path, daemon_factory) -> None:
