@@ -108,7 +108,7 @@ def stalled_client_download(
         stderr=subprocess.PIPE,
         text=True,
     )
-    part = out / (name + ".part")
+    part = out / f".{name}.filecache-part"
     wait_for(lambda: part.exists() and part.stat().st_size >= min_bytes, 20, "the download to start")
     process.send_signal(signal.SIGSTOP)
     return process
@@ -198,7 +198,7 @@ def test_server_killed_mid_download(shared: Path, daemon: Daemon, tmp_path: Path
     assert lines[-1].startswith("filecache-client: big.bin: cannot connect: Connection was refused")
     assert len(lines) == 3
     assert "Traceback" not in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["big.bin.part", "big.bin.part.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".big.bin.filecache-part", ".big.bin.filecache-part.json"]
 
 
 # Floods, limits, timeouts

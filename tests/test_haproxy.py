@@ -266,7 +266,7 @@ def test_download_fails_over_to_the_other_daemon_and_resumes(
     daemons = [daemon_factory(shared, *DAEMON_ARGS), daemon_factory(shared, *DAEMON_ARGS)]
     proxy = haproxy_factory(daemons)
     out = tmp_path / "out"
-    part = out / "big.bin.part"
+    part = out / ".big.bin.filecache-part"
     client = subprocess.Popen(
         [
             tool("filecache-client"),

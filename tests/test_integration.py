@@ -197,7 +197,7 @@ def test_client_downloads_identical_bytes(shared: Path, daemon: Daemon, tmp_path
     assert (out / "small.bin").read_bytes() == small
     assert (out / "nested/dir/large.bin").read_bytes() == large
     assert result.stdout.splitlines() == [str(out / "small.bin"), str(out / "nested/dir/large.bin")]
-    assert not list(out.rglob("*.part"))
+    assert not [p for p in out.rglob("*") if "filecache-part" in p.name]
 
 
 def test_seed_form_downloads_one_file(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
@@ -240,7 +240,7 @@ def test_missing_file_exit_1_clear_message(shared: Path, daemon: Daemon, tmp_pat
     assert result.returncode == 1
     assert result.stderr.strip() == "filecache-client: nope.txt: not found on the server"
     assert not (tmp_path / "out" / "nope.txt").exists()
-    assert not (tmp_path / "out" / "nope.txt.part").exists()
+    assert not (tmp_path / "out" / ".nope.txt.filecache-part").exists()
 
 
 def test_existing_destination_not_overwritten_without_force(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
@@ -386,7 +386,7 @@ def test_file_changed_on_disk_is_served_fresh(shared: Path, daemon: Daemon, raw:
     assert first[0].split()[2] != second[0].split()[2]
     path.unlink()
     assert raw.get(b"c.txt")[0].startswith(b"ERR not-found")
-    assert raw.rows(b"LIST CACHED")[0] == b"OK 0\r\n"
+    assert raw.rows(b"LIST CACHED") == (b"OK\r\n", [])
 
 
 HOSTILE = [

@@ -264,7 +264,7 @@ def test_socket_activation_end_to_end(tmp_path: Path) -> None:
             status, rows = client.rows(b"LIST")
             mtime = int((folder / "hello.txt").stat().st_mtime)
             assert (status, rows) == (
-                b"OK 1\r\n",
+                b"OK\r\n",
                 [b"%d %d - hello.txt\r\n" % (len(content), mtime)],
             )
 
