@@ -12,12 +12,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import pytest
+from typing_extensions import Self
 
 BIN = Path(sys.executable).parent
 
@@ -242,6 +245,43 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class LoopbackServer:
+    """
+    The frame of a fake server in a thread, for client tests: a listener on
+    a free loopback port, a C{stopping} event, and a context manager that
+    always stops the thread and closes the listener.  Subclasses write
+    C{_run}, which must poll C{stopping} (the listener times out every
+    C{poll} seconds).
+    """
+
+    def __init__(self, name: str, poll: float = 0.1) -> None:
+        self.stopping = threading.Event()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self._listener.settimeout(poll)
+        self.port: int = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stopping.set()
+        self._thread.join(10)
+        self._listener.close()
+        assert not self._thread.is_alive(), f"the {self._thread.name} thread did not stop"
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> float:

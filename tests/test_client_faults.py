@@ -16,11 +16,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
-from conftest import run_client, tool
+from conftest import LoopbackServer, run_client, tool
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -84,7 +83,7 @@ NOT_FOUND = Reply(b"ERR not-found no such file\r\n")
 QUIT = Reply(after="close")
 
 
-class FakeServer:
+class FakeServer(LoopbackServer):
     """
     A loopback TCP server in a thread that answers each request line with a
     scripted L{Reply} and records the lines it read.  As a context manager
@@ -102,31 +101,10 @@ class FakeServer:
         self._script.setdefault(b"QUIT", QUIT)
         self._default = default
         self._lifetime = lifetime
-        self._stop = threading.Event()
         self.connection_ended = threading.Event()
         self.accepted = threading.Event()
         self.requests: list[bytes] = []
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(8)
-        self._listener.settimeout(POLL)
-        self.port: int = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._run, name="fake-filecache", daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
-        assert not self._thread.is_alive(), "the fake server's thread did not stop"
+        super().__init__("fake-filecache", poll=POLL)
 
     def wait_connection_ended(self, timeout: float = 5) -> None:
         """
@@ -139,7 +117,7 @@ class FakeServer:
         assert self.connection_ended.wait(timeout), "the client's connection did not end"
 
     def _running(self, deadline: float) -> bool:
-        return not self._stop.is_set() and time.monotonic() < deadline
+        return not self.stopping.is_set() and time.monotonic() < deadline
 
     def _run(self) -> None:
         deadline = time.monotonic() + self._lifetime

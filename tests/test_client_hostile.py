@@ -13,11 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 import pytest
-from conftest import tool
-from typing_extensions import Self
+from conftest import LoopbackServer, tool
 
 from filecache import wire
 
@@ -29,7 +27,7 @@ VERSION = b"2a-64-18ea3fdc92c71808"
 Handler = Callable[[socket.socket, bytes, threading.Event], None]
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     """
     A loopback server in a thread: for each connection it reads the first
     request line and hands the socket to C{handler(conn, line, stopping)},
@@ -40,28 +38,7 @@ class HostileServer:
     def __init__(self, handler: Handler, lifetime: float = 60.0) -> None:
         self._handler = handler
         self._lifetime = lifetime
-        self.stopping = threading.Event()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(8)
-        self._listener.settimeout(0.1)
-        self.port: int = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._run, name="hostile-filecache", daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stopping.set()
-        self._thread.join(10)
-        self._listener.close()
-        assert not self._thread.is_alive(), "the hostile server's thread did not stop"
+        super().__init__("hostile-filecache")
 
     def _run(self) -> None:
         deadline = time.monotonic() + self._lifetime
