@@ -646,6 +646,15 @@ def checked(result: dict[str, Any], run: Run) -> Run:
     return run
 
 
+def _closing_line(data: bytearray) -> bytes | None:
+    """The END or ERR line that closes a LIST reply, once it is in C{data}."""
+    if not data.endswith(b"\n"):
+        return None
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    line = bytes(data[start:])
+    return line if line.startswith((b"END ", b"ERR ")) else None
+
+
 def fc_list(port: int, timeout: float = 120) -> tuple[float, int, int]:
     """Send LIST, read every row; (seconds, rows, bytes)."""
     with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
@@ -659,17 +668,26 @@ def fc_list(port: int, timeout: float = 120) -> tuple[float, int, int]:
                 raise BenchError("LIST: connection closed before the status line")
             head += chunk
         status, _, rest = head.partition(b"\n")
-        if not status.startswith(b"OK "):
+        if status.rstrip(b"\r") != b"OK":
             raise BenchError(f"LIST: {status.decode(errors='replace').strip()}")
-        expected = int(status.split()[1])
-        rows = rest.count(b"\n")
+        # Rows, then END <n> (or an ERR line in its place): read to that line.
+        data = bytearray(rest)
         size = len(head)
-        while rows < expected:
+        while True:
+            closing = _closing_line(data)
+            if closing is not None:
+                break
             chunk = s.recv(1 << 20)
             if not chunk:
-                raise BenchError(f"LIST: connection closed after {rows} of {expected} rows")
-            rows += chunk.count(b"\n")
+                raise BenchError("LIST: connection closed before its END line")
+            data += chunk
             size += len(chunk)
+        if not closing.startswith(b"END "):
+            raise BenchError(f"LIST: {closing.decode(errors='replace').strip()}")
+        rows = int(closing.split()[1])
+        came = data.count(b"\n") - 1
+        if came != rows:
+            raise BenchError(f"LIST: END says {rows} rows, {came} came")
         seconds = time.perf_counter() - t0
         s.sendall(b"QUIT\r\n")
     return seconds, rows, size

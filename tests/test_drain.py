@@ -31,19 +31,19 @@ def slow_get(port: int, name: bytes, rate: int, result: dict[str, object]) -> No
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
     s.sendall(b"GET " + name + b"\r\n")
-    data = b""
+    data = bytearray()
     s.settimeout(30)
     try:
         while True:
             chunk = s.recv(64 * 1024)
             if not chunk:
                 break
-            data += chunk
+            data += chunk  # a bytearray grows in place: no copy per chunk
             time.sleep(len(chunk) / rate)
     except OSError as e:
         result["error"] = e
     s.close()
-    result["data"] = data
+    result["data"] = bytes(data)
 
 
 def test_sigterm_lets_a_slow_download_finish(shared: Path, daemon_factory) -> None:

@@ -370,7 +370,7 @@ def test_pipelining_without_reading_costs_bounded_memory(shared: Path, daemon_fa
     deadline = time.monotonic() + 10
     while sent < len(payload) and time.monotonic() < deadline:
         try:
-            sent += s.send(payload[sent : sent + 1 << 20])
+            sent += s.send(payload[sent : sent + (1 << 20)])
         except TimeoutError:
             break
     time.sleep(1)

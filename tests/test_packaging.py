@@ -5,6 +5,7 @@ __init__.py that would hide Twisted's own plugins.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,22 +15,27 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_has_the_plugin_and_no_cache(tmp_path: Path) -> None:
-    """`pip wheel .` packs twisted/plugins/filecache_plugin.py, no dropin.cache, no twisted/__init__.py."""
-    stray = REPO / "twisted" / "plugins" / "dropin.cache"
-    made_stray = not stray.exists()
-    if made_stray:
-        stray.write_bytes(b"stale")  # what twistd leaves behind after a run
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    finally:
-        if made_stray:
-            stray.unlink()
-    (wheel,) = tmp_path.glob("filecache-*.whl")
+    """
+    `pip wheel .` packs twisted/plugins/filecache_plugin.py, no dropin.cache,
+    no twisted/__init__.py.  Built from a copy of the checkout, so that the
+    stray cache planted here never touches the checkout itself.
+    """
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".git", "__pycache__", "build", "work", "*.egg-info", ".*cache"),
+    )
+    # What twistd leaves behind after a run.
+    (source / "twisted" / "plugins" / "dropin.cache").write_bytes(b"stale")
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("filecache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/filecache_plugin.py" in names
     assert "filecache/py.typed" in names
