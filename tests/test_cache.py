@@ -1,5 +1,5 @@
 """
-Tests for L{filecache.cache.FifoCache}: a byte budget, eviction in order of
+Tests for L{filecache.daemon.cache.FifoCache}: a byte budget, eviction in order of
 insertion, and entries checked against the file's version.
 """
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from zope.interface.verify import verifyClass, verifyObject
 
-from filecache.cache import CacheEntry, FifoCache, ICache
+from filecache.daemon.cache import CacheEntry, FifoCache, ICache
 
 
 def entry(size: int, version: str = "v1", fill: bytes = b"x") -> CacheEntry:
@@ -388,7 +388,7 @@ def test_zero_budget_caches_nothing_not_even_empty_files() -> None:
 
 def test_each_entry_is_charged_its_overhead() -> None:
     """64 KiB of one-byte files holds about 64 entries, not 65,536 (item 5)."""
-    from filecache.cache import ENTRY_OVERHEAD
+    from filecache.daemon.cache import ENTRY_OVERHEAD
 
     cache = FifoCache(64 * 1024)
     for n in range(65_536):

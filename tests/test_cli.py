@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, run_client, tool
 
-from filecache.cli import Invocation, TqdmProgress, UsageError, build_parser, human_size
+from filecache.client.cli import Invocation, TqdmProgress, UsageError, build_parser, human_size
 
 
 def parse(*argv: str) -> Invocation:

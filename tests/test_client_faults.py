@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from typing_extensions import Self
 
 from filecache import wire
-from filecache.client import (
+from filecache.client.protocol import (
     BrokenReply,
     ConnectionLostEarly,
     Download,

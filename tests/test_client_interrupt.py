@@ -16,8 +16,8 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from filecache.client import ConnectionLostEarly, FileCacheClientProtocol
-from filecache.download import Session, fetch
+from filecache.client.download import Session, fetch
+from filecache.client.protocol import ConnectionLostEarly, FileCacheClientProtocol
 
 VERSION = b"2a-64-18ea3fdc92c71808"
 
@@ -127,6 +127,6 @@ def test_without_an_interrupt_the_same_fetch_is_retried(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)])
 def test_exit_status_of_a_signal(signum: int, status: int) -> None:
     """Interrupted by signal N exits 128 + N: 130 for SIGINT, 143 for SIGTERM."""
-    from filecache.cli import Interrupted, exit_status
+    from filecache.client.cli import Interrupted, exit_status
 
     assert exit_status(Interrupted(signum)) == status

@@ -14,9 +14,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from filecache import client as client_module
 from filecache import wire
-from filecache.client import (
+from filecache.client import protocol as client_module
+from filecache.client.protocol import (
     MIN_PROGRESS,
     BrokenReply,
     ConnectionLostEarly,

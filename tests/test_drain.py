@@ -18,10 +18,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from filecache.cache import FifoCache
-from filecache.folder import SharedFolder
-from filecache.protocol import FileCacheFactory
-from filecache.server import FileCacheServer
+from filecache.daemon.cache import FifoCache
+from filecache.daemon.folder import SharedFolder
+from filecache.daemon.native import FileCacheFactory
+from filecache.daemon.responder import Responder
 
 MiB = 1024 * 1024
 
@@ -100,7 +100,7 @@ def test_drain_timeout_aborts_what_is_left(shared: Path, daemon_factory) -> None
 def test_drain_in_memory(tmp_path: Path) -> None:
     """drain(): idle connections close at once; the Deferred fires when the last one is gone."""
     clock = Clock()
-    factory = FileCacheFactory(FileCacheServer(SharedFolder(str(tmp_path)), FifoCache(1024)), clock=clock)
+    factory = FileCacheFactory(Responder(SharedFolder(str(tmp_path)), FifoCache(1024)), clock=clock)
     protocols = []
     for port in (1, 2):
         proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))

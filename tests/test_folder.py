@@ -1,5 +1,5 @@
 """
-Tests for L{filecache.folder.SharedFolder}: which paths open to a shared
+Tests for L{filecache.daemon.folder.SharedFolder}: which paths open to a shared
 regular file, when an opened file is still current, and what is listed.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from filecache.folder import FileStat, NotShared, OpenedFile, SharedFolder, Unreadable
+from filecache.daemon.folder import FileStat, NotShared, OpenedFile, SharedFolder, Unreadable
 from filecache.wire import quote_path, unquote_path
 
 

@@ -13,11 +13,11 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from filecache.cache import FifoCache
-from filecache.folder import SharedFolder
-from filecache.protocol import FileCacheFactory, parse_allow
-from filecache.server import FileCacheServer
-from filecache.tap import ConfigError, Options, endpoint_description, parse_size
+from filecache.daemon.cache import FifoCache
+from filecache.daemon.folder import SharedFolder
+from filecache.daemon.native import FileCacheFactory, parse_allow
+from filecache.daemon.responder import Responder
+from filecache.daemon.tap import ConfigError, Options, endpoint_description, parse_size
 
 
 class AbortableTransport(StringTransport):
@@ -31,7 +31,7 @@ class AbortableTransport(StringTransport):
 
 
 def make_factory(root: Path, clock: Clock, **limits: object) -> FileCacheFactory:
-    server = FileCacheServer(SharedFolder(str(root)), FifoCache(1 << 20), settle=0)
+    server = Responder(SharedFolder(str(root)), FifoCache(1 << 20), settle=0)
     return FileCacheFactory(server, clock=clock, access_log=False, **limits)  # type: ignore[arg-type]
 
 
@@ -137,7 +137,7 @@ def test_max_connections_and_per_address(tmp_path: Path) -> None:
     connect(factory, "10.0.0.2", 1)
     _, full = connect(factory, "10.0.0.3", 1)
     assert full.value() == b"ERR busy too many connections; try again later\r\n"
-    assert factory.server.counters.connections_active == 3
+    assert factory.responder.counters.connections_active == 3
     a1[0].connectionLost(None)
     _proto, fresh = connect(factory, "10.0.0.1", 4)
     assert fresh.value() == b""

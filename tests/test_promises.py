@@ -22,13 +22,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import AccumulatingProtocol, MemoryReactor, StringTransport
 
-from filecache import __version__, transfer, wire
-from filecache.cache import FifoCache
-from filecache.diskwork import DiskWork
-from filecache.folder import SharedFolder
-from filecache.listing import KERNEL_QUEUE, ListBody
-from filecache.protocol import FileCacheFactory, FileCacheProtocol, parse_allow
-from filecache.server import HASH_STEP, FileCacheServer
+from filecache import __version__, wire
+from filecache.daemon import transfer
+from filecache.daemon.cache import FifoCache
+from filecache.daemon.diskwork import DiskWork
+from filecache.daemon.folder import SharedFolder
+from filecache.daemon.listing import KERNEL_QUEUE, ListBody
+from filecache.daemon.native import FileCacheFactory, FileCacheProtocol, parse_allow
+from filecache.daemon.responder import HASH_STEP, Responder
 
 T = TypeVar("T")
 PEER_HOST = "127.0.0.1"
@@ -57,12 +58,12 @@ class QueuedSteps:
 
 def make(
     root: Path, run_blocking: Any = None, *, settle: float = 0, capacity: int = 256 << 20
-) -> tuple[FileCacheServer, FileCacheFactory, Clock]:
+) -> tuple[Responder, FileCacheFactory, Clock]:
     clock = Clock()
     kw: dict[str, Any] = {"reactor": clock, "settle": settle}
     if run_blocking is not None:
         kw["run_blocking"] = run_blocking
-    server = FileCacheServer(SharedFolder(str(root)), FifoCache(capacity), **kw)
+    server = Responder(SharedFolder(str(root)), FifoCache(capacity), **kw)
     return server, FileCacheFactory(server, clock=clock, access_log=False), clock
 
 
@@ -294,7 +295,7 @@ def test_stats_has_uptime_version_worker_and_pid(tmp_path: Path) -> None:
     """STATS carries uptime_seconds (from the injected clock), version, worker and pid (item 15)."""
     clock = Clock()
     clock.advance(1000)
-    server = FileCacheServer(SharedFolder(str(tmp_path)), FifoCache(0), reactor=clock, worker=3)
+    server = Responder(SharedFolder(str(tmp_path)), FifoCache(0), reactor=clock, worker=3)
     clock.advance(42.7)
     figures = dict(server.stats())
     assert figures["uptime_seconds"] == 42
@@ -347,7 +348,7 @@ def test_fast_path_falls_back_when_twisted_renames_its_buffer() -> None:
 )
 def test_allow_meets_mapped_peers_in_one_form(tmp_path: Path, entry: str, peer: str, allowed: bool) -> None:
     """IPv4-mapped allow entries and peers are compared as IPv4 (item 11)."""
-    server = FileCacheServer(SharedFolder(str(tmp_path)), FifoCache(0), reactor=Clock())
+    server = Responder(SharedFolder(str(tmp_path)), FifoCache(0), reactor=Clock())
     factory = FileCacheFactory(server, clock=Clock(), allow=parse_allow(entry))
     assert factory._allowed(peer) is allowed
     for network in parse_allow(entry):

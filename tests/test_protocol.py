@@ -1,6 +1,6 @@
 """
 In-memory tests of the daemon side: FileCacheProtocol and FileCacheFactory
-over a real FileCacheServer, SharedFolder and FifoCache, with no sockets.
+over a real Responder, SharedFolder and FifoCache, with no sockets.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from filecache import transfer, wire
-from filecache.cache import FifoCache
-from filecache.folder import FileStat, FolderWalk, OpenedFile, SharedFolder, Unreadable
-from filecache.protocol import FileCacheFactory, FileCacheProtocol
-from filecache.server import FileCacheServer
+from filecache import wire
+from filecache.daemon import transfer
+from filecache.daemon.cache import FifoCache
+from filecache.daemon.folder import FileStat, FolderWalk, OpenedFile, SharedFolder, Unreadable
+from filecache.daemon.native import FileCacheFactory, FileCacheProtocol
+from filecache.daemon.responder import Responder
 
 PEER = IPv4Address("TCP", "127.0.0.1", 12345)
 MTIME_NS = 1_700_000_000_123_456_789
@@ -51,7 +52,7 @@ TOO_LONG = b"ERR too-long request line longer than 4096 bytes\r\n"
 VERSION_RE = re.compile(r"[0-9a-f]+(?:-[0-9a-f]+)*\Z")
 SMALL = b"small file\r\nwith a CRLF inside\n"
 BIG_SIZE = 200_000
-PROTOCOL_NAMESPACE = "filecache.protocol.FileCacheProtocol"
+PROTOCOL_NAMESPACE = "filecache.daemon.native.FileCacheProtocol"
 
 
 # Files
@@ -131,7 +132,7 @@ def start(
     folder: SharedFolder | Path,
     capacity: int = 1 << 20,
     access_log: bool = True,
-) -> tuple[FileCacheServer, FileCacheFactory, Clock]:
+) -> tuple[Responder, FileCacheFactory, Clock]:
     if isinstance(folder, Path):
         folder = SharedFolder(str(folder))
     # No per-entry overhead here: these tests count the budget in content
@@ -139,7 +140,7 @@ def start(
     clock = Clock()
     # settle=0: these files were all just written, and a test that wants
     # the second read of a fresh file says so (test_fresh_small_file_*).
-    server = FileCacheServer(folder, FifoCache(capacity, entry_overhead=0), reactor=clock, settle=0)
+    server = Responder(folder, FifoCache(capacity, entry_overhead=0), reactor=clock, settle=0)
     factory = FileCacheFactory(server, clock=clock, access_log=access_log)
     return server, factory, clock
 
@@ -529,8 +530,8 @@ def test_quit_closes_without_a_reply(root: Path) -> None:
     assert transport.value() == b"OK\r\nEND 0\r\n"
     assert transport.disconnecting is True
     assert transport.disconnected is False
-    assert factory.server.counters.connections_active == 0
-    assert factory.server.counters.connections_total == 1
+    assert factory.responder.counters.connections_active == 0
+    assert factory.responder.counters.connections_total == 1
 
 
 # GET
@@ -1083,7 +1084,7 @@ def test_client_that_never_reads_is_not_read_from(root: Path) -> None:
     assert 2000 // per_batch >= 10  # the bound matters: many batches, not one
     full, last = divmod(2000, per_batch)
     assert batches == [reply * per_batch] * full + [reply * last]
-    assert factory.server.counters.requests == 2000
+    assert factory.responder.counters.requests == 2000
 
 
 def test_streamed_reply_that_fills_the_send_buffer_does_not_stall_the_connection(

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-from filecache.tap import CannotStart, ConfigError, Options, StartupEndpoint
+from filecache.daemon.tap import CannotStart, ConfigError, Options, StartupEndpoint
 
 # --- in memory -----------------------------------------------------------------
 

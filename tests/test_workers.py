@@ -112,7 +112,7 @@ def test_workers_auto_and_bad_values(tmp_path: Path) -> None:
         )
         assert result.returncode == 1
         assert result.stderr.startswith(message), result.stderr
-    from filecache.tap import Options
+    from filecache.daemon.tap import Options
 
     options = Options()
     options.parseOptions(["--dir", str(tmp_path), "--workers", "auto"])

@@ -22,13 +22,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filecache import __version__, wire
-from filecache.client import (
+from filecache.client.download import LocalError, Progress, Session, destination, fetch, part_names
+from filecache.client.protocol import (
     BrokenReply,
     ConnectionLostEarly,
     FileCacheClientProtocol,
     ServerError,
 )
-from filecache.download import LocalError, Progress, Session, destination, fetch, part_names
 
 EXIT_OK = 0
 EXIT_SERVER_ERROR = 1

@@ -16,8 +16,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filecache import wire
-from filecache.diskwork import BlockingRunner
-from filecache.folder import FolderWalk, WalkTooLarge
+from filecache.daemon.diskwork import BlockingRunner
+from filecache.daemon.folder import FolderWalk, WalkTooLarge
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ListBody:
     ) -> Deferred[ListResult]:
         """
         Write the rows and the closing line to C{consumer}.  Fires with a
-        L{ListResult}; fails with L{filecache.transfer.TransferFailed} if
+        L{ListResult}; fails with L{filecache.daemon.transfer.TransferFailed} if
         the consumer stops us (the connection was lost).
 
         @param unsent: the bytes waiting in the kernel's send queue (or
@@ -209,7 +209,7 @@ class ListBody:
         self._next()
 
     def stopProducing(self) -> None:
-        from filecache.transfer import TransferFailed
+        from filecache.daemon.transfer import TransferFailed
 
         done, self._done = self._done, None
         if self._step is not None:

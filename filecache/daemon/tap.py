@@ -31,12 +31,12 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from filecache.cache import FifoCache
-from filecache.diskwork import DiskWork
-from filecache.folder import SharedFolder
-from filecache.protocol import FileCacheFactory, parse_allow
-from filecache.server import FileCacheServer
-from filecache.workers import AdoptedPortService, WorkerPool
+from filecache.daemon.cache import FifoCache
+from filecache.daemon.diskwork import DiskWork
+from filecache.daemon.folder import SharedFolder
+from filecache.daemon.native import FileCacheFactory, parse_allow
+from filecache.daemon.responder import Responder
+from filecache.daemon.workers import AdoptedPortService, WorkerPool
 
 T = TypeVar("T")
 
@@ -490,7 +490,7 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     top = MultiService()
     disk = DiskWork(reactor)
     DiskWorkService(disk).setServiceParent(top)
-    server = FileCacheServer(
+    server = Responder(
         SharedFolder(config["dir"]),
         FifoCache(config["cache-size"]),
         run_blocking=disk,

@@ -19,9 +19,9 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from filecache import __version__, wire
-from filecache.cache import CacheEntry, ICache
-from filecache.diskwork import BlockingRunner, run_now
-from filecache.folder import (
+from filecache.daemon.cache import CacheEntry, ICache
+from filecache.daemon.diskwork import BlockingRunner, run_now
+from filecache.daemon.folder import (
     SETTLE,
     NotShared,
     OpenedFile,
@@ -29,8 +29,8 @@ from filecache.folder import (
     Unreadable,
     version_token,
 )
-from filecache.listing import ListBody
-from filecache.transfer import TransferResult
+from filecache.daemon.listing import ListBody
+from filecache.daemon.transfer import TransferResult
 
 __all__ = ["BlockingRunner", "run_now"]  # where they were before diskwork.py
 
@@ -164,7 +164,7 @@ class _SharedHash:
         return self.position >= size
 
 
-class FileCacheServer:
+class Responder:
     """
     Answers requests for one shared folder through one shared cache.
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from twisted.internet.error import ConnectError
 
-from filecache.client import (
+from filecache.client.protocol import (
     BrokenReply,
     ConnectionLostEarly,
     Download,

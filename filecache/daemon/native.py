@@ -1,6 +1,6 @@
 """
 The daemon's side of the connection: a thin adapter that turns request lines
-into calls on L{FileCacheServer} and streams its replies back, one at a time.
+into calls on L{Responder} and streams its replies back, one at a time.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filecache import wire
-from filecache.listing import ListBody, ListResult
-from filecache.server import (
+from filecache.daemon.listing import ListBody, ListResult
+from filecache.daemon.responder import (
     DiskBody,
-    FileCacheServer,
     MemoryBody,
     Reply,
+    Responder,
     error_reply,
 )
-from filecache.transfer import (
+from filecache.daemon.transfer import (
     TransferFailed,
     TransferResult,
     direct_socket,
@@ -235,7 +235,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.factory.server.counters.requests += 1
+        self.factory.responder.counters.requests += 1
         reply = error_reply(wire.TOO_LONG, f"request line longer than {wire.MAX_LINE} bytes")
         self.transport.write(reply.data)
         self._access(b"(too long)", reply, self.factory.clock.seconds())
@@ -244,7 +244,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         self._lines += 1
         factory = self.factory
-        factory.server.counters.requests += 1
+        factory.responder.counters.requests += 1
         started = factory.clock.seconds() if factory.access_log else 0.0
         try:
             request = wire.parse_request(line)
@@ -257,7 +257,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
             return
         try:
-            reply = factory.server.respond(request)
+            reply = factory.responder.respond(request)
         except Exception:  # noqa: BLE001 - logged, and the client told
             self._log.failure("Error answering {request!r}", request=line[:200])
             reply = error_reply(wire.UNAVAILABLE, "internal error")
@@ -288,7 +288,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self._finish_simple(line, reply, started)
             return
         if self.transport is None or not self.connected:
-            self.factory.server.body_failed(reply.body)
+            self.factory.responder.body_failed(reply.body)
             return
         self._set_replying(True)
         transport = self.transport
@@ -339,7 +339,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         if self.transport is None or not self.connected:
             return
         write_now(self.transport, reply.data, self._socket)
-        self.factory.server.counters.bytes_sent += reply.size
+        self.factory.responder.counters.bytes_sent += reply.size
         self._access(line, reply, started)
         if self._replying:
             self.resetTimeout()
@@ -360,8 +360,8 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         line: bytes,
         started: float,
     ) -> None:
-        server = self.factory.server
-        digest = server.body_sent(body, result)
+        responder = self.factory.responder
+        digest = responder.body_sent(body, result)
         if digest is None:
             # Changed on disk while being sent: cut the reply short rather
             # than end it with a digest the client would take as good.
@@ -370,11 +370,11 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
                 path=line[4:200],
                 peer=self.peer,
             )
-            server.counters.bytes_sent += result.sent
+            responder.counters.bytes_sent += result.sent
             self._access(line, reply, started, "cut", result.sent)
             self.transport.abortConnection()
             return
-        server.counters.bytes_sent += result.sent
+        responder.counters.bytes_sent += result.sent
         self.transport.registerProducer(self._gate, True)
         self.transport.write(wire.format_end(digest))
         self._access(line, reply, started)
@@ -389,10 +389,10 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         line: bytes,
         started: float,
     ) -> None:
-        self.factory.server.body_failed(body)
+        self.factory.responder.body_failed(body)
         sent = reason.value.sent if isinstance(reason.value, TransferFailed) else 0
         if not isinstance(body, ListBody):
-            self.factory.server.counters.bytes_sent += sent
+            self.factory.responder.counters.bytes_sent += sent
         self._access(line, reply, started, "cut", sent)
         if self.transport is not None and self.connected:
             self.transport.abortConnection()
@@ -483,7 +483,7 @@ else:
 
 class FileCacheFactory(_ProtocolFactory):
     """
-    Builds L{FileCacheProtocol}s that share one L{FileCacheServer}, within
+    Builds L{FileCacheProtocol}s that share one L{Responder}, within
     the connection limits and the allow-list.
     """
 
@@ -494,7 +494,7 @@ class FileCacheFactory(_ProtocolFactory):
 
     def __init__(
         self,
-        server: FileCacheServer,
+        responder: Responder,
         *,
         clock: IReactorTime | None = None,
         access_log: bool = True,
@@ -507,7 +507,7 @@ class FileCacheFactory(_ProtocolFactory):
             from twisted.internet import reactor
 
             clock = reactor
-        self.server = server
+        self.responder = responder
         self.clock: IReactorTime = clock
         self.access_log = access_log
         self.idle_timeout = idle_timeout
@@ -540,7 +540,7 @@ class FileCacheFactory(_ProtocolFactory):
                 self._log.warn("refused connection from {host}: not in --allow", host=host)
             return None
         key = host or "local"
-        if self.server.counters.connections_active >= self.max_connections:
+        if self.responder.counters.connections_active >= self.max_connections:
             return _Refusal("too many connections; try again later")
         if self._per_host[key] >= self.max_per_ip:
             return _Refusal("too many connections from your address; try again later")
@@ -548,7 +548,7 @@ class FileCacheFactory(_ProtocolFactory):
 
     def connection_made(self, protocol: FileCacheProtocol) -> None:
         self._live.add(protocol)
-        counters = self.server.counters
+        counters = self.responder.counters
         counters.connections_active += 1
         counters.connections_total += 1
         self._per_host[self._host_of(protocol)] += 1
@@ -558,7 +558,7 @@ class FileCacheFactory(_ProtocolFactory):
         if self._drained is not None and not self._live:
             drained, self._drained = self._drained, None
             drained.callback(None)
-        self.server.counters.connections_active -= 1
+        self.responder.counters.connections_active -= 1
         key = self._host_of(protocol)
         self._per_host[key] -= 1
         if self._per_host[key] <= 0:

@@ -1,0 +1,4 @@
+"""
+The filecache client: the client protocol, saving downloads, and the
+C{filecache-client} command line.
+"""
