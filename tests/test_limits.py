@@ -13,9 +13,10 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from filecache.daemon.admission import parse_allow
 from filecache.daemon.cache import FifoCache
 from filecache.daemon.folder import SharedFolder
-from filecache.daemon.native import FileCacheFactory, parse_allow
+from filecache.daemon.native import FileCacheFactory
 from filecache.daemon.responder import Responder
 from filecache.daemon.tap import ConfigError, Options, endpoint_description, parse_size
 
@@ -137,7 +138,7 @@ def test_max_connections_and_per_address(tmp_path: Path) -> None:
     connect(factory, "10.0.0.2", 1)
     _, full = connect(factory, "10.0.0.3", 1)
     assert full.value() == b"ERR busy too many connections; try again later\r\n"
-    assert factory.responder.counters.connections_active == 3
+    assert factory.admission.connections_active == 3
     a1[0].connectionLost(None)
     _proto, fresh = connect(factory, "10.0.0.1", 4)
     assert fresh.value() == b""

@@ -24,11 +24,12 @@ from twisted.internet.testing import AccumulatingProtocol, MemoryReactor, String
 
 from filecache import __version__, wire
 from filecache.daemon import transfer
+from filecache.daemon.admission import parse_allow
 from filecache.daemon.cache import FifoCache
 from filecache.daemon.diskwork import DiskWork
 from filecache.daemon.folder import SharedFolder
 from filecache.daemon.listing import KERNEL_QUEUE, ListBody
-from filecache.daemon.native import FileCacheFactory, FileCacheProtocol, parse_allow
+from filecache.daemon.native import FileCacheFactory, FileCacheProtocol
 from filecache.daemon.responder import HASH_STEP, Responder
 
 T = TypeVar("T")
@@ -350,6 +351,6 @@ def test_allow_meets_mapped_peers_in_one_form(tmp_path: Path, entry: str, peer: 
     """IPv4-mapped allow entries and peers are compared as IPv4 (item 11)."""
     server = Responder(SharedFolder(str(tmp_path)), FifoCache(0), reactor=Clock())
     factory = FileCacheFactory(server, clock=Clock(), allow=parse_allow(entry))
-    assert factory._allowed(peer) is allowed
+    assert factory.admission.allowed(peer) is allowed
     for network in parse_allow(entry):
         assert not (isinstance(network, ipaddress.IPv6Network) and network.subnet_of(ipaddress.IPv6Network("::ffff:0:0/96")))

@@ -530,8 +530,8 @@ def test_quit_closes_without_a_reply(root: Path) -> None:
     assert transport.value() == b"OK\r\nEND 0\r\n"
     assert transport.disconnecting is True
     assert transport.disconnected is False
-    assert factory.responder.counters.connections_active == 0
-    assert factory.responder.counters.connections_total == 1
+    assert factory.admission.connections_active == 0
+    assert factory.admission.connections_total == 1
 
 
 # GET
@@ -627,7 +627,7 @@ def test_get_large_file_over_iosim(root: Path) -> None:
         get_reply(big, version_of(big_path)) + get_reply(SMALL, version_of(small_path))
     )
     assert client.lost is True
-    assert server.counters.connections_active == 0
+    assert factory.admission.connections_active == 0
     assert server.counters.bytes_sent == BIG_SIZE + len(SMALL)
 
 
@@ -1192,7 +1192,7 @@ def test_client_leaving_mid_stream_from_disk(root: Path, protocol_events: list) 
 
     assert during == fds + 1
     assert open_fds() == fds
-    assert server.counters.connections_active == 0
+    assert factory.admission.connections_active == 0
     # The one chunk handed to the transport before the peer left counts.
     assert server.counters.bytes_sent == transfer.FILE_CHUNK
     assert len(server.cache) == 0
@@ -1227,7 +1227,7 @@ def test_client_leaving_mid_stream_from_memory(root: Path, protocol_events: list
 
     assert paused_producer is True
     assert len(sent) < BIG_SIZE
-    assert server.counters.connections_active == 1  # the filler's
+    assert factory.admission.connections_active == 1  # the filler's
     assert [e["status"] for e in access_events(protocol_events)] == ["OK", "cut"]
     assert [e for e in protocol_events if "log_failure" in e] == []
     assert [p for p, _ in server.cache] == ["big.bin"]

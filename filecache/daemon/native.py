@@ -6,16 +6,14 @@ into calls on L{Responder} and streams its replies back, one at a time.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import os
 import socket
 import struct
 import termios
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -23,7 +21,6 @@ from twisted.internet.interfaces import (
     IPushProducer,
     IReactorTime,
     ITCPTransport,
-    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -33,20 +30,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filecache import wire
+from filecache.daemon.admission import Admission, Network
+from filecache.daemon.bodies import Sent
 from filecache.daemon.listing import ListBody, ListResult
 from filecache.daemon.responder import (
-    DiskBody,
-    MemoryBody,
     Reply,
     Responder,
     error_reply,
 )
 from filecache.daemon.transfer import (
     TransferFailed,
-    TransferResult,
     direct_socket,
-    send_file,
-    send_memory,
     write_now,
 )
 
@@ -173,7 +167,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         self._socket = direct_socket(self.transport)
         self._queue_socket = _plain_socket(self.transport)
         self.peer = describe_peer(self.transport.getPeer())
-        factory.connection_made(self)
+        factory.admission.opened(self)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             # A status line, a body sent by the kernel and an END line are
@@ -196,7 +190,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         if pending is not None:
             # Disk work for a client who has gone is dropped before it runs.
             pending.cancel()
-        self.factory.connection_lost(self)
+        self.factory.admission.closed(self)
 
     def dataReceived(self, data: bytes) -> None:
         # Bytes that only lengthen an unfinished line do not postpone the
@@ -235,8 +229,9 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.factory.responder.counters.requests += 1
-        reply = error_reply(wire.TOO_LONG, f"request line longer than {wire.MAX_LINE} bytes")
+        reply = self.factory.responder.malformed(
+            wire.TOO_LONG, f"request line longer than {wire.MAX_LINE} bytes"
+        )
         self.transport.write(reply.data)
         self._access(b"(too long)", reply, self.factory.clock.seconds())
         self.transport.loseConnection()
@@ -244,23 +239,22 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         self._lines += 1
         factory = self.factory
-        factory.responder.counters.requests += 1
         started = factory.clock.seconds() if factory.access_log else 0.0
         try:
             request = wire.parse_request(line)
         except wire.WireError as e:
-            self._finish_simple(line, error_reply(e.code, e.message), started)
+            self._finish_simple(line, factory.responder.malformed(e.code, e.message), started)
             if e.code == wire.TOO_LONG:
                 self.transport.loseConnection()
-            return
-        if isinstance(request, wire.QuitRequest):
-            self.transport.loseConnection()
             return
         try:
             reply = factory.responder.respond(request)
         except Exception:  # noqa: BLE001 - logged, and the client told
             self._log.failure("Error answering {request!r}", request=line[:200])
             reply = error_reply(wire.UNAVAILABLE, "internal error")
+        if reply is None:  # QUIT
+            self.transport.loseConnection()
+            return
         if isinstance(reply, Deferred):
             self._set_replying(True)
             self._pending = reply
@@ -288,7 +282,8 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self._finish_simple(line, reply, started)
             return
         if self.transport is None or not self.connected:
-            self.factory.responder.body_failed(reply.body)
+            if not isinstance(reply.body, ListBody):
+                reply.body.discard()
             return
         self._set_replying(True)
         transport = self.transport
@@ -310,36 +305,21 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
                 self._list_sent,
                 self._body_failed,
                 callbackArgs=(reply, line, started),
-                errbackArgs=(body, reply, line, started),
+                errbackArgs=(reply, line, started),
             )
             return
-        d: Deferred[TransferResult]
-        if isinstance(body, MemoryBody):
-            d = send_memory(
-                transport, body.data, body.start, on_progress=self._progressed
-            ).addCallback(TransferResult)
-        else:
-            d = send_file(
-                transport,
-                body.opened.fd,
-                body.start,
-                body.length,
-                digest_known=body.digest is not None,
-                collect=body.fill,
-                on_progress=self._progressed,
-            )
-        d.addCallbacks(
+        body.send(transport, on_progress=self._progressed).addCallbacks(
             self._body_sent,
             self._body_failed,
-            callbackArgs=(body, reply, line, started),
-            errbackArgs=(body, reply, line, started),
+            callbackArgs=(reply, line, started),
+            errbackArgs=(reply, line, started),
         )
 
     def _finish_simple(self, line: bytes, reply: Reply, started: float) -> None:
         if self.transport is None or not self.connected:
             return
         write_now(self.transport, reply.data, self._socket)
-        self.factory.responder.counters.bytes_sent += reply.size
+        self.factory.responder.delivered(reply)
         self._access(line, reply, started)
         if self._replying:
             self.resetTimeout()
@@ -352,47 +332,26 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
         self.resetTimeout()
         self._set_replying(False)
 
-    def _body_sent(
-        self,
-        result: TransferResult,
-        body: MemoryBody | DiskBody,
-        reply: Reply,
-        line: bytes,
-        started: float,
-    ) -> None:
-        responder = self.factory.responder
-        digest = responder.body_sent(body, result)
-        if digest is None:
+    def _body_sent(self, sent: Sent, reply: Reply, line: bytes, started: float) -> None:
+        if sent.digest is None:
             # Changed on disk while being sent: cut the reply short rather
             # than end it with a digest the client would take as good.
             self._log.warn(
                 "{path} changed while being sent to {peer}; connection dropped",
-                path=line[4:200],
+                path=wire.printable_bytes(line[4:200]),
                 peer=self.peer,
             )
-            responder.counters.bytes_sent += result.sent
-            self._access(line, reply, started, "cut", result.sent)
+            self._access(line, reply, started, "cut", sent.sent)
             self.transport.abortConnection()
             return
-        responder.counters.bytes_sent += result.sent
         self.transport.registerProducer(self._gate, True)
-        self.transport.write(wire.format_end(digest))
+        self.transport.write(wire.format_end(sent.digest))
         self._access(line, reply, started)
         self.resetTimeout()
         self._set_replying(False)
 
-    def _body_failed(
-        self,
-        reason: Failure,
-        body: MemoryBody | DiskBody | ListBody,
-        reply: Reply,
-        line: bytes,
-        started: float,
-    ) -> None:
-        self.factory.responder.body_failed(body)
+    def _body_failed(self, reason: Failure, reply: Reply, line: bytes, started: float) -> None:
         sent = reason.value.sent if isinstance(reason.value, TransferFailed) else 0
-        if not isinstance(body, ListBody):
-            self.factory.responder.counters.bytes_sent += sent
         self._access(line, reply, started, "cut", sent)
         if self.transport is not None and self.connected:
             self.transport.abortConnection()
@@ -424,55 +383,6 @@ def _plain_socket(transport: object) -> socket.socket | None:
     return None
 
 
-class _Refusal(Protocol):
-    """Says C{ERR busy ...} and hangs up: the answer past a connection limit."""
-
-    transport: ITransport
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-
-    def connectionMade(self) -> None:
-        self.transport.write(wire.format_error(wire.BUSY, self._message))
-        self.transport.loseConnection()
-
-
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
-def parse_allow(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """
-    Networks from C{10.0.0.0/8,192.168.1.7,::1}.  IPv4-mapped IPv6 entries
-    (C{::ffff:10.0.0.0/104}) are turned into the IPv4 networks they stand
-    for, as peers on a dual-stack socket are, so both meet in one form.
-
-    @raise ValueError: on anything that is not an address or network.
-    """
-    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part:
-            networks.extend(_normalised(ipaddress.ip_network(part, strict=False)))
-    if not networks:
-        raise ValueError("empty allow-list")
-    return networks
-
-
-def _normalised(
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
-) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    if isinstance(network, ipaddress.IPv4Network):
-        return [network]
-    if network.subnet_of(_MAPPED):
-        mapped = network.network_address.ipv4_mapped
-        assert mapped is not None
-        return [ipaddress.IPv4Network((mapped, network.prefixlen - 96))]
-    if network.supernet_of(_MAPPED):
-        # ::/0 and the like hold every mapped address: all of IPv4 too.
-        return [network, ipaddress.IPv4Network("0.0.0.0/0")]
-    return [network]
-
-
 if TYPE_CHECKING:
     _ProtocolFactory = Factory[Protocol]
 else:
@@ -483,14 +393,12 @@ else:
 
 class FileCacheFactory(_ProtocolFactory):
     """
-    Builds L{FileCacheProtocol}s that share one L{Responder}, within
-    the connection limits and the allow-list.
+    Builds L{FileCacheProtocol}s that share one L{Responder}, as far as
+    L{Admission} lets them in.
     """
 
     protocol = FileCacheProtocol
     noisy = False
-    _log = Logger()
-    _REMEMBERED_REFUSALS = 10_000
 
     def __init__(
         self,
@@ -501,7 +409,8 @@ class FileCacheFactory(_ProtocolFactory):
         idle_timeout: float | None = 120,
         max_connections: int = 1024,
         max_per_ip: int = 64,
-        allow: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
+        allow: Sequence[Network] | None = None,
+        admission: Admission | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -511,97 +420,19 @@ class FileCacheFactory(_ProtocolFactory):
         self.clock: IReactorTime = clock
         self.access_log = access_log
         self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self.max_per_ip = max_per_ip
-        self.allow = list(allow) if allow is not None else None
-        self._per_host: Counter[str] = Counter()
-        self._refused_hosts: set[str] = set()
-        self._live: set[FileCacheProtocol] = set()
-        self.draining = False
-        self._drained: Deferred[None] | None = None
+        if admission is None:
+            admission = Admission(
+                clock, max_connections=max_connections, max_per_ip=max_per_ip, allow=allow
+            )
+        self.admission = admission
+        responder.add_figures(admission.figures)
 
-    def _allowed(self, host: str) -> bool:
-        assert self.allow is not None
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow)
-
-    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        host = getattr(addr, "host", None)
-        if self.allow is not None and host is not None and not self._allowed(host):
-            if host not in self._refused_hosts:
-                # Once per address, so a flood cannot flood the log too.
-                if len(self._refused_hosts) < self._REMEMBERED_REFUSALS:
-                    self._refused_hosts.add(host)
-                self._log.warn("refused connection from {host}: not in --allow", host=host)
-            return None
-        key = host or "local"
-        if self.responder.counters.connections_active >= self.max_connections:
-            return _Refusal("too many connections; try again later")
-        if self._per_host[key] >= self.max_per_ip:
-            return _Refusal("too many connections from your address; try again later")
-        return super().buildProtocol(addr)
-
-    def connection_made(self, protocol: FileCacheProtocol) -> None:
-        self._live.add(protocol)
-        counters = self.responder.counters
-        counters.connections_active += 1
-        counters.connections_total += 1
-        self._per_host[self._host_of(protocol)] += 1
-
-    def connection_lost(self, protocol: FileCacheProtocol) -> None:
-        self._live.discard(protocol)
-        if self._drained is not None and not self._live:
-            drained, self._drained = self._drained, None
-            drained.callback(None)
-        self.responder.counters.connections_active -= 1
-        key = self._host_of(protocol)
-        self._per_host[key] -= 1
-        if self._per_host[key] <= 0:
-            del self._per_host[key]
-
-    @staticmethod
-    def _host_of(protocol: FileCacheProtocol) -> str:
-        return getattr(protocol.transport.getPeer(), "host", None) or "local"
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
 
     def drain(self, timeout: float) -> Deferred[None]:
-        """
-        Close idle connections now, and the others as soon as their reply
-        is sent; abort whatever is left after C{timeout} seconds.  Fires when
-        no connection is left.
-        """
-        self.draining = True
-        if not self._live:
-            return succeed(None)
-        drained: Deferred[None] = Deferred()
-        self._drained = drained
-        busy = 0
-        for protocol in list(self._live):
-            if protocol.replying:
-                busy += 1
-            else:
-                protocol.transport.loseConnection()
-        self._log.info(
-            "draining: {busy} replies in flight, up to {timeout} s", busy=busy, timeout=timeout
-        )
+        return self.admission.drain(timeout)
 
-        def give_up() -> None:
-            if self._live:
-                self._log.warn(
-                    "drain timeout: aborting {count} connections", count=len(self._live)
-                )
-            for protocol in list(self._live):
-                protocol.transport.abortConnection()
-
-        call = self.clock.callLater(timeout, give_up)
-
-        def done(result: None) -> None:
-            if call.active():
-                call.cancel()
-
-        drained.addCallback(done)
-        return drained
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        return self.admission.build(addr, lambda: super(FileCacheFactory, self).buildProtocol(addr))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from stat import S_ISREG
 from typing import cast
@@ -19,7 +19,8 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from filecache import __version__, wire
-from filecache.daemon.cache import CacheEntry, ICache
+from filecache.daemon.bodies import DiskBody, MemoryBody, Stores
+from filecache.daemon.cache import CacheEntry, DigestStore, ICache
 from filecache.daemon.diskwork import BlockingRunner, run_now
 from filecache.daemon.folder import (
     SETTLE,
@@ -30,7 +31,6 @@ from filecache.daemon.folder import (
     version_token,
 )
 from filecache.daemon.listing import ListBody
-from filecache.daemon.transfer import TransferResult
 
 __all__ = ["BlockingRunner", "run_now"]  # where they were before diskwork.py
 
@@ -45,33 +45,6 @@ the disk threads take the clients that wait on them in turn."""
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class MemoryBody:
-    """A body sent from bytes in memory: C{data[start:]}."""
-
-    data: bytes | bytearray
-    start: int
-    digest: str
-
-
-@dataclass(frozen=True)
-class DiskBody:
-    """
-    A body sent from an open file.
-
-    @ivar digest: SHA-256 of the whole file when already known (then the
-        kernel may copy it without our reading it).
-    @ivar fill: whether the bytes read are to be put in the cache (room for
-        them is reserved in the cache until the body is released).
-    """
-
-    opened: OpenedFile
-    start: int
-    length: int
-    digest: str | None
-    fill: bool
 
 
 Body = MemoryBody | DiskBody | ListBody
@@ -98,44 +71,10 @@ def error_reply(code: str, message: str) -> Reply:
 
 @dataclass
 class Counters:
-    """Figures reported by STATS that the cache does not keep."""
+    """The figures of answers that the cache does not keep."""
 
-    connections_active: int = 0
-    connections_total: int = 0
     bytes_sent: int = 0
     requests: int = 0
-
-
-DIGEST_ENTRY_COST = 320
-"""Bytes one remembered digest costs: its version key, 32 digest bytes and
-the index slot (measured at about 270 on CPython 3.11)."""
-
-DIGEST_BUDGET = 8 * 1024 * 1024
-"""The memory the digest store may take."""
-
-
-class DigestStore:
-    """
-    SHA-256 digests of whole files by version token, so a file too big to
-    cache is hashed once, not on every transfer.  Bounded in bytes (each
-    entry counted at L{DIGEST_ENTRY_COST}); the oldest is dropped first.
-    """
-
-    def __init__(self, budget: int = DIGEST_BUDGET) -> None:
-        self._limit = budget // DIGEST_ENTRY_COST
-        self._digests: OrderedDict[str, bytes] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._digests)
-
-    def get(self, version: str) -> str | None:
-        raw = self._digests.get(version)
-        return raw.hex() if raw is not None else None
-
-    def put(self, version: str, digest: str) -> None:
-        self._digests[version] = bytes.fromhex(digest)
-        while len(self._digests) > self._limit:
-            self._digests.popitem(last=False)
 
 
 class _SharedHash:
@@ -191,15 +130,22 @@ class Responder:
         self.counters = Counters()
         self.digests = DigestStore()
         self._run_blocking = run_blocking
-        self._filling: set[str] = set()
+        self._stores = Stores(folder, cache, self.digests, self._count_sent)
+        self._more_figures: list[Callable[[], list[tuple[str, int]]]] = []
         self._hashing: dict[str, _SharedHash] = {}
         self._reactor = reactor
         self._settle = settle
         self._started = reactor.seconds()
         self._worker = worker
 
-    def respond(self, request: wire.Request) -> Reply | Deferred[Reply]:
-        """The reply to C{request} (QUIT is the protocol's business)."""
+    def respond(self, request: wire.Request) -> Reply | Deferred[Reply] | None:
+        """
+        The reply to C{request}; C{None} for QUIT, whose answer is closing the
+        connection (the protocol's business).  Every request counts.
+        """
+        self.counters.requests += 1
+        if isinstance(request, wire.QuitRequest):
+            return None
         if isinstance(request, wire.GetRequest):
             return self._get(request)
         if isinstance(request, wire.HashRequest):
@@ -233,9 +179,9 @@ class Responder:
             return self._small(opened, request.offset)
         whole = request.offset == 0
         known_digest = self.digests.get(st.version) if whole else None
-        fill = whole and self._reserve_fill(path, st.size)
+        fill = whole and self._stores.reserve_fill(path, st.size)
         length = st.size - request.offset
-        body = DiskBody(opened, request.offset, length, known_digest, fill)
+        body = DiskBody(opened, request.offset, length, known_digest, fill, self._stores)
         return Reply(
             wire.format_get_status(length, st.version), "OK", body, "miss", length
         )
@@ -320,7 +266,8 @@ class Responder:
             # The digest of a tail: hashed in the disk threads, a step at a
             # time, never on the reactor thread.
             def hashed(tail_digest: str) -> Reply:
-                return Reply(status, "OK", MemoryBody(data, start, tail_digest), cache, length)
+                body = MemoryBody(data, start, tail_digest, self._count_sent)
+                return Reply(status, "OK", body, cache, length)
 
             return self._digest_of_memory(data, start).addCallback(hashed)
         if start:
@@ -328,7 +275,7 @@ class Responder:
         if length <= INLINE_LIMIT:
             whole = b"".join((status, data[start:] if start else data, wire.format_end(digest)))
             return Reply(whole, "OK", None, cache, length)
-        return Reply(status, "OK", MemoryBody(data, start, digest), cache, length)
+        return Reply(status, "OK", MemoryBody(data, start, digest, self._count_sent), cache, length)
 
     def _digest_of_memory(self, data: bytes | bytearray, start: int) -> Deferred[str]:
         hasher = hashlib.sha256()
@@ -348,55 +295,17 @@ class Responder:
 
         return self._run_blocking(step).addCallback(next_step)
 
-    def _reserve_fill(self, path: str, size: int) -> bool:
-        # One reader fills the cache per file, and room for the bytes being
-        # gathered is made in the cache before they are read.
-        if path in self._filling or not self.cache.admits(size):
-            return False
-        if not self.cache.reserve(size):
-            return False
-        self._filling.add(path)
-        return True
+    def _count_sent(self, count: int) -> None:
+        self.counters.bytes_sent += count
 
-    def body_sent(self, body: Body, result: TransferResult) -> str | None:
-        """
-        A body went out whole.  Return the digest for its END line, or
-        C{None} if the file changed while it was sent (the reply must then be
-        cut off).  Fills the cache and the digest store from a clean read.
-        """
-        if isinstance(body, MemoryBody):
-            return body.digest
-        assert isinstance(body, DiskBody)
-        opened = body.opened
-        try:
-            current = self.folder.is_current(opened)
-        finally:
-            self._release(body)
-        if not current:
-            self.cache.discard(opened.path)
-            return None
-        digest = body.digest or result.digest
-        if digest is None:  # pragma: no cover - send_file always hashes without one
-            return None
-        if body.start == 0:
-            self.digests.put(opened.stat.version, digest)
-            if body.fill and result.data is not None:
-                entry = CacheEntry(
-                    result.data, opened.stat.version, digest, opened.stat.mtime, opened.source
-                )
-                self.cache.insert(opened.path, entry)
-        return digest
+    def delivered(self, reply: Reply) -> None:
+        """A reply without a body went out whole (its body bytes count as sent)."""
+        self._count_sent(reply.size)
 
-    def body_failed(self, body: Body) -> None:
-        """A body could not be sent whole: release what it held."""
-        if isinstance(body, DiskBody):
-            self._release(body)
-
-    def _release(self, body: DiskBody) -> None:
-        body.opened.close()
-        if body.fill:
-            self._filling.discard(body.opened.path)
-            self.cache.release(body.opened.stat.size)
+    def malformed(self, code: str, message: str) -> Reply:
+        """The reply to a request line that could not be parsed (it counts as a request)."""
+        self.counters.requests += 1
+        return error_reply(code, message)
 
     # HASH
 
@@ -494,9 +403,14 @@ class Responder:
 
         return Reply(wire.LIST_STATUS, "OK", ListBody(self.folder.walk(), marked, self._run_blocking))
 
+    def add_figures(self, source: Callable[[], list[tuple[str, int]]]) -> None:
+        """Report C{source()}'s rows in STATS too (the connection figures, say)."""
+        self._more_figures.append(source)
+
     def stats(self) -> list[tuple[str, wire.StatValue]]:
         cache = self.cache
         c = self.counters
+        more = [row for source in self._more_figures for row in source()]
         return [
             ("cache_bytes", cache.size),
             ("cache_capacity", cache.capacity),
@@ -504,8 +418,7 @@ class Responder:
             ("hits", cache.hits),
             ("misses", cache.misses),
             ("evictions", cache.evictions),
-            ("connections_active", c.connections_active),
-            ("connections_total", c.connections_total),
+            *more,
             ("bytes_sent", c.bytes_sent),
             ("requests", c.requests),
             ("uptime_seconds", int(self._reactor.seconds() - self._started)),

@@ -31,10 +31,11 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from filecache.daemon.admission import parse_allow
 from filecache.daemon.cache import FifoCache
 from filecache.daemon.diskwork import DiskWork
 from filecache.daemon.folder import SharedFolder
-from filecache.daemon.native import FileCacheFactory, parse_allow
+from filecache.daemon.native import FileCacheFactory
 from filecache.daemon.responder import Responder
 from filecache.daemon.workers import AdoptedPortService, WorkerPool
 

@@ -1,0 +1,174 @@
+"""
+The bodies of GET replies: each owns its whole transfer, from the first
+byte to releasing its file, checking for change and filling the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from filecache.daemon.cache import CacheEntry, ICache
+from filecache.daemon.folder import OpenedFile, SharedFolder
+from filecache.daemon.transfer import TransferFailed, TransferResult, send_file, send_memory
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Sent:
+    """
+    How a body's transfer ended, when every byte went out.
+
+    @ivar digest: SHA-256 of the body, for the line that closes the reply;
+        C{None} if the file changed while it was sent, and the reply must be
+        cut off rather than closed.
+    @ivar sent: the body bytes handed to the kernel.
+    """
+
+    digest: str | None
+    sent: int
+
+
+class Body(Protocol):
+    """What a protocol adapter needs of a body: send it, or let it go."""
+
+    length: int
+
+    def send(self, consumer: Any, on_progress: Callable[[], object] = _nothing) -> Deferred[Sent]:
+        """
+        Write the body to C{consumer} (a transport).  Fires with L{Sent}, or
+        fails with L{TransferFailed} carrying the bytes that went out.
+        """
+
+    def discard(self) -> None:
+        """The body will never be sent (its client has gone): release what it holds."""
+
+
+@dataclass
+class Stores:
+    """
+    What disk bodies report to once sent: the cache and its fill
+    reservations, the digests of whole files, and the bytes-sent figure.
+    """
+
+    folder: SharedFolder
+    cache: ICache
+    digests: Any  # filecache.daemon.responder.DigestStore
+    count_sent: Callable[[int], None]
+    filling: set[str] = field(default_factory=set)
+
+    def reserve_fill(self, path: str, size: int) -> bool:
+        """Room in the cache for C{path}'s bytes, one reader per file, made before they are read."""
+        if path in self.filling or not self.cache.admits(size):
+            return False
+        if not self.cache.reserve(size):
+            return False
+        self.filling.add(path)
+        return True
+
+
+class MemoryBody:
+    """C{data[start:]}, sent from memory, with its digest known."""
+
+    def __init__(self, data: bytes | bytearray, start: int, digest: str, count_sent: Callable[[int], None]) -> None:
+        self.data = data
+        self.start = start
+        self.digest = digest
+        self.length = len(data) - start
+        self._count_sent = count_sent
+
+    def send(self, consumer: Any, on_progress: Callable[[], object] = _nothing) -> Deferred[Sent]:
+        def sent(count: int) -> Sent:
+            self._count_sent(count)
+            return Sent(self.digest, count)
+
+        return send_memory(consumer, self.data, self.start, on_progress=on_progress).addCallbacks(
+            sent, self._failed
+        )
+
+    def _failed(self, reason: Failure) -> Failure:
+        if isinstance(reason.value, TransferFailed):
+            self._count_sent(reason.value.sent)
+        return reason
+
+    def discard(self) -> None:
+        pass
+
+
+class DiskBody:
+    """
+    C{length} bytes of an open file from C{start}.  With the whole file's
+    digest known the kernel may copy it (C{sendfile}); otherwise its bytes
+    are read, hashed and, with C{fill}, kept for the cache, whose room was
+    reserved for them.
+    """
+
+    def __init__(
+        self,
+        opened: OpenedFile,
+        start: int,
+        length: int,
+        digest: str | None,
+        fill: bool,
+        stores: Stores,
+    ) -> None:
+        self.opened = opened
+        self.start = start
+        self.length = length
+        self.digest = digest
+        self.fill = fill
+        self._stores = stores
+        self._released = False
+
+    def send(self, consumer: Any, on_progress: Callable[[], object] = _nothing) -> Deferred[Sent]:
+        d = send_file(
+            consumer,
+            self.opened.fd,
+            self.start,
+            self.length,
+            digest_known=self.digest is not None,
+            collect=self.fill,
+            on_progress=on_progress,
+        )
+        return d.addCallbacks(self._sent, self._failed)
+
+    def _sent(self, result: TransferResult) -> Sent:
+        stores = self._stores
+        opened = self.opened
+        stores.count_sent(result.sent)
+        try:
+            current = stores.folder.is_current(opened)
+        finally:
+            self.discard()
+        if not current:
+            stores.cache.discard(opened.path)
+            return Sent(None, result.sent)
+        digest = self.digest or result.digest
+        if self.start == 0 and digest is not None:
+            stores.digests.put(opened.stat.version, digest)
+            if self.fill and result.data is not None:
+                entry = CacheEntry(result.data, opened.stat.version, digest, opened.stat.mtime, opened.source)
+                stores.cache.insert(opened.path, entry)
+        return Sent(digest, result.sent)
+
+    def _failed(self, reason: Failure) -> Failure:
+        if isinstance(reason.value, TransferFailed):
+            self._stores.count_sent(reason.value.sent)
+        self.discard()
+        return reason
+
+    def discard(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.opened.close()
+        if self.fill:
+            self._stores.filling.discard(self.opened.path)
+            self._stores.cache.release(self.opened.stat.size)
