@@ -15,10 +15,12 @@ from twisted.internet.testing import StringTransport
 
 from filecache.daemon.admission import parse_allow
 from filecache.daemon.cache import FifoCache
+from filecache.daemon.config import endpoint_description, parse_size
 from filecache.daemon.folder import SharedFolder
 from filecache.daemon.native import FileCacheFactory
 from filecache.daemon.responder import Responder
-from filecache.daemon.tap import ConfigError, Options, endpoint_description, parse_size
+from filecache.daemon.startup import ConfigError
+from filecache.daemon.tap import Options
 
 
 class AbortableTransport(StringTransport):
@@ -171,11 +173,37 @@ def test_option_parsing(tmp_path: Path) -> None:
     assert endpoint_description("unix:/run/fc.sock") == "unix:/run/fc.sock"
     options = Options()
     options.parseOptions(["--dir", str(tmp_path), "--idle-timeout", "0", "--allow", "10.0.0.0/8"])
-    assert options["idle-timeout"] is None
-    assert options["max-connections"] == 1024 and options["max-per-ip"] == 64
-    assert options["drain-timeout"] == 30
-    assert options["port"] == "tcp:5000:backlog=1024"
+    config = options.config
+    assert config.idle_timeout is None
+    assert config.max_connections == 1024 and config.max_per_ip == 64
+    assert config.drain_timeout == 30
+    assert config.port == "tcp:5000:backlog=1024"
     with pytest.raises(ConfigError, match="--allow"):
         Options().parseOptions(["--dir", str(tmp_path), "--allow", "nonsense"])
     with pytest.raises(ConfigError, match="--cache-size"):
         Options().parseOptions(["--dir", str(tmp_path), "--cache-size", "big"])
+
+
+def test_workers_get_every_option_from_the_config(tmp_path: Path) -> None:
+    """
+    config.to_argv() gives a worker exactly the parent's settings: parsed
+    again (as a worker parses it), it makes the same configuration, but for
+    the fields that belong to the parent alone (issue 9).
+    """
+    from dataclasses import replace
+
+    options = Options()
+    options.parseOptions([
+        "--dir", str(tmp_path), "--cache-size", "3M", "--idle-timeout", "7.5",
+        "--drain-timeout", "4", "--max-connections", "9", "--max-per-ip", "3",
+        "--allow", "10.0.0.0/8,::ffff:127.0.0.1", "--no-access-log", "--workers", "3",
+        "--port", "tcp:0:interface=127.0.0.1",
+    ])
+    parent = options.config
+    worker = Options()
+    worker.parseOptions([*parent.to_argv(), "--inherit-fd", "5:2", "--worker-index", "2"])
+    assert worker.config == replace(
+        parent, port=worker.config.port, port_text=worker.config.port_text, workers=1,
+        inherit_fd=(5, 2), worker_index=2,
+    )
+    assert worker.config.cache_size == 3 << 20 and worker.config.access_log is False

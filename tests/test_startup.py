@@ -21,7 +21,8 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-from filecache.daemon.tap import CannotStart, ConfigError, Options, StartupEndpoint
+from filecache.daemon.startup import CannotStart, ConfigError, StartupEndpoint
+from filecache.daemon.tap import Options
 
 # --- in memory -----------------------------------------------------------------
 
@@ -79,7 +80,7 @@ def test_options_accept_good_ports(tmp_path: Path, port: str) -> None:
     """The checks refuse nothing that can work: bare numbers, 0 (any port), host names, escaped IPv6."""
     options = Options()
     options.parseOptions(["--dir", str(tmp_path), "--port", port])
-    assert options["port-text"] == port
+    assert options.config.port_text == port
 
 
 @implementer(IStreamServerEndpoint)

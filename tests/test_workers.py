@@ -50,7 +50,7 @@ def test_workers_share_the_port(shared: Path, daemon_factory) -> None:
             os.kill(stopped, signal.SIGCONT)
     time.sleep(0.5)
     log = daemon.log_text()
-    by_worker = len(re.findall(r"worker 1: \[filecache\.protocol\.FileCacheProtocol#info\] .* GET a\.txt OK", log))
+    by_worker = len(re.findall(r"worker 1: \[filecache\.daemon\.native\.FileCacheProtocol#info\] .* GET a\.txt OK", log))
     by_parent = len(re.findall(r"\] 127\.0\.0\.1:\d+ GET a\.txt OK", log)) - by_worker
     assert (by_worker, by_parent) == (10, 10)
 
@@ -116,7 +116,7 @@ def test_workers_auto_and_bad_values(tmp_path: Path) -> None:
 
     options = Options()
     options.parseOptions(["--dir", str(tmp_path), "--workers", "auto"])
-    assert options["workers"] == os.cpu_count()
+    assert options.config.workers == os.cpu_count()
 
 
 def test_workers_stop_when_the_parent_is_killed(shared: Path, daemon_factory) -> None:

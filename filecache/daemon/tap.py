@@ -5,38 +5,26 @@ The twistd/twist plugin's options and service: C{twistd -n filecache --port
 
 from __future__ import annotations
 
-import errno
-import ipaddress
 import os
 import re
 import signal
-import socket
-import sys
-from typing import Any, ClassVar, TextIO, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import (
-    IListeningPort,
-    IProtocolFactory,
-    IStreamServerEndpoint,
-    IStreamServerEndpointStringParser,
-)
 from twisted.logger import Logger
-from twisted.plugin import getPlugins
 from twisted.python import usage
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from filecache.daemon.admission import parse_allow
 from filecache.daemon.cache import FifoCache
+from filecache.daemon.config import DaemonConfig, endpoint_description, parse_size
 from filecache.daemon.diskwork import DiskWork
 from filecache.daemon.folder import SharedFolder
 from filecache.daemon.native import FileCacheFactory
 from filecache.daemon.responder import Responder
+from filecache.daemon.startup import ConfigError, StartupEndpoint, check_endpoint
 from filecache.daemon.workers import AdoptedPortService, WorkerPool
 
 T = TypeVar("T")
@@ -45,191 +33,6 @@ DEFAULT_BACKLOG = 1024
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?\Z", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-class ConfigError(SystemExit):
-    """
-    A bad option value.  twistd prints its whole help for a UsageError; this
-    ends the process with status 1 and just the one line.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"filecache: {message}")
-
-
-class CannotStart(SystemExit, Exception):
-    """
-    The daemon cannot start (it cannot listen, say); the one line saying why
-    is already on stderr.  A SystemExit with status 1, so the process ends
-    without a traceback; an Exception too, because twistd removes its pidfile
-    only when an Exception ends the start-up.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(1)
-        self.message = f"filecache: {message}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def parse_size(text: str) -> int:
-    """
-    Bytes from C{123}, C{64K}, C{64M}, C{1G} (binary units; C{KiB}, C{MB}
-    and lower case accepted too).
-
-    @raise ValueError: for anything else.
-    """
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise ValueError(f"not a size: {text!r} (use bytes or a K/M/G suffix)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
-
-
-def endpoint_description(port: str, backlog: int = DEFAULT_BACKLOG) -> str:
-    """
-    A server endpoint description from C{--port}: a bare number means TCP,
-    and a TCP listener gets a deep backlog unless it sets one.
-    """
-    port = port.strip()
-    if port.isdigit():
-        port = f"tcp:{port}"
-    kind = port.split(":", 1)[0].lower()
-    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in port:
-        port += f":backlog={backlog}"
-    return port
-
-
-_FIELD = re.compile(r"(?<!\\):")  # endpoint fields: a colon not escaped by a backslash
-# serverFromString's own endpoint types; the others are plugins.
-_BUILT_IN_ENDPOINTS = frozenset({"tcp", "unix", "ssl"})
-_DOTTED = re.compile(r"[0-9.]+")
-
-
-def check_endpoint(text: str, description: str, reactor: Any = None) -> None:
-    """
-    Refuse a C{--port} that cannot work, before anything starts: an unknown
-    endpoint type, a port that is not a number from 0 to 65535, an interface
-    like C{256.1.1.1}, an argument the endpoint does not take, a missing TLS
-    key (C{serverFromString} reads it), no socket from systemd.  What only a
-    listen can tell (port in use, permission) is L{StartupEndpoint}'s.
-
-    @param text: C{--port} as given, for the message.
-    @param description: the endpoint description made of it.
-    @raise ConfigError: saying what is wrong.
-    """
-    fields = _FIELD.split(description)
-    known = _BUILT_IN_ENDPOINTS | {
-        parser.prefix for parser in getPlugins(IStreamServerEndpointStringParser)
-    }
-    while True:
-        kind = fields[0]
-        if kind not in known:
-            raise ConfigError(
-                f"--port {text}: unknown endpoint type {kind!r} "
-                f"(known: {', '.join(sorted(known))}; or a bare port number)"
-            )
-        if kind != "haproxy" or len(fields) == 1:
-            break
-        fields = fields[1:]  # haproxy:tcp:5000 wraps another endpoint
-    if kind in ("tcp", "tcp6", "ssl"):
-        named = dict(field.split("=", 1) for field in fields[1:] if "=" in field)
-        positional = [field for field in fields[1:] if "=" not in field]
-        port = named.get("port", positional[0] if positional else "")
-        if not (port.isascii() and port.isdigit() and int(port) <= 65535):
-            raise ConfigError(f"--port {text}: {port!r} is not a port number (0 to 65535)")
-        # Digits and dots are meant as an IPv4 address; anything else may be a host name.
-        interface = named.get("interface", "")
-        if _DOTTED.fullmatch(interface) and not _is_ip_address(interface):
-            raise ConfigError(f"--port {text}: {interface!r} is not an IP address")
-    if reactor is None:
-        from twisted.internet import reactor
-    try:
-        serverFromString(reactor, description)
-    except IndexError:
-        if kind != "systemd":
-            raise
-        raise ConfigError(
-            f"--port {text}: systemd passed no socket at that index "
-            "(start the .socket unit, not the service alone)"
-        ) from None
-    except (ValueError, TypeError, OSError) as e:
-        raise ConfigError(f"--port {text}: {e}") from None
-
-
-def _is_ip_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def listen_failure_text(error: BaseException | None) -> str:
-    """Why a listen failed, in a few words: C{address already in use}."""
-    if isinstance(error, CannotListenError):
-        cause = error.socketError
-        if isinstance(cause, socket.gaierror):
-            return f"bad interface address {error.interface!r} ({str(cause.strerror).lower()})"
-        if isinstance(cause, OSError) and cause.errno == errno.EADDRNOTAVAIL:
-            return f"no interface of this machine has the address {error.interface!r}"
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror.lower()
-    if isinstance(error, OSError) and error.strerror:
-        # A UNIX socket's lock file, say: symlink(pid, PATH.lock) names PATH second.
-        path = error.filename2 if error.filename2 is not None else error.filename
-        if path is None:
-            return error.strerror.lower()
-        return f"{error.strerror.lower()} ({os.fsdecode(path)})"
-    return str(error) or type(error).__name__
-
-
-@implementer(IStreamServerEndpoint)
-class StartupEndpoint:
-    """
-    An endpoint whose C{listen} raises L{CannotStart} when it fails at once
-    (port in use, permission denied, bad interface address), after writing
-    the one line that says why on stderr and in the log: twistd and twist
-    then exit 1 instead of printing a traceback, or, with C{--workers},
-    instead of idling without a port.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, text: str, stderr: TextIO | None = None
-    ) -> None:
-        self._endpoint = endpoint
-        self._text = text
-        self._stderr = stderr
-
-    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
-        d = self._endpoint.listen(factory)
-        failed_at_once: list[Failure] = []
-        listening = True
-
-        def at_once(reason: Failure) -> Failure | None:
-            if listening:
-                failed_at_once.append(reason)
-                return None
-            return reason
-
-        d.addErrback(at_once)
-        listening = False
-        if failed_at_once:
-            error = failed_at_once[0].value
-            why = f"cannot listen on {self._text}: {listen_failure_text(error)}"
-            if isinstance(error, (CannotListenError, OSError)):
-                self._log.error("{why}", why=why)
-            else:
-                self._log.failure(why, failed_at_once[0])
-            failure = CannotStart(why)
-            # twistd has sent sys.stderr to the log by now: the process's own stderr.
-            stderr = self._stderr or sys.__stderr__ or sys.stderr
-            stderr.write(failure.message + "\n")
-            stderr.flush()
-            raise failure
-        return d
 
 
 class Options(usage.Options):
@@ -334,65 +137,65 @@ class Options(usage.Options):
         ["no-access-log", None, "Do not log a line for every reply."],
     ]
 
+    config: DaemonConfig
+
     def postOptions(self) -> None:
+        """Check every option and make L{config}; the option values are left as given."""
         directory = self["dir"]
         if not directory:
             raise ConfigError("--dir is required: the folder to share")
         if not os.path.isdir(directory):
             raise ConfigError(f"--dir {directory}: not an existing directory")
         try:
-            self["cache-size"] = parse_size(str(self["cache-size"]))
+            cache_size = parse_size(str(self["cache-size"]))
         except ValueError as e:
             raise ConfigError(f"--cache-size: {e}") from None
-        self["port-text"] = self["port"]
-        self["port"] = endpoint_description(self["port"])
-        self["idle-timeout"] = _number("--idle-timeout", self["idle-timeout"], float) or None
-        self["drain-timeout"] = _number("--drain-timeout", self["drain-timeout"], float)
+        port = endpoint_description(self["port"])
+        limits = {}
         for name in ("max-connections", "max-per-ip"):
-            self[name] = _number(f"--{name}", self[name], int)
-            if self[name] < 1:
+            limits[name] = _number(f"--{name}", self[name], int)
+            if limits[name] < 1:
                 raise ConfigError(f"--{name} must be at least 1")
-        self["allow-text"] = self["allow"]
+        allow = None
         if self["allow"] is not None:
             try:
-                self["allow"] = parse_allow(self["allow"])
+                allow = tuple(parse_allow(self["allow"]))
             except ValueError as e:
                 raise ConfigError(f"--allow: {e}") from None
-        workers = str(self["workers"]).strip().lower()
-        self["workers"] = os.cpu_count() or 1 if workers == "auto" else _number("--workers", workers, int)
-        if self["workers"] < 1:
+        text = str(self["workers"]).strip().lower()
+        workers = os.cpu_count() or 1 if text == "auto" else _number("--workers", text, int)
+        if workers < 1:
             raise ConfigError("--workers must be at least 1")
-        if self["workers"] > 1 and self["port"].split(":", 1)[0].lower() == "ssl":
+        if workers > 1 and port.split(":", 1)[0].lower() == "ssl":
             raise ConfigError(
                 "--workers with an ssl: port is not supported: run one worker, "
                 "or end TLS in front (HAProxy) and serve tcp: behind it"
             )
-        self["worker-index"] = _number("--worker-index", self["worker-index"], int)
+        inherit_fd = None
         if self["inherit-fd"] is not None:
             try:
                 fd, family = (int(part) for part in self["inherit-fd"].split(":"))
             except ValueError:
                 raise ConfigError("--inherit-fd takes FD:FAMILY") from None
-            self["inherit-fd"] = (fd, family)
+            inherit_fd = (fd, family)
+        self.config = DaemonConfig(
+            dir=directory,
+            cache_size=cache_size,
+            idle_timeout=_number("--idle-timeout", self["idle-timeout"], float) or None,
+            drain_timeout=_number("--drain-timeout", self["drain-timeout"], float),
+            max_connections=limits["max-connections"],
+            max_per_ip=limits["max-per-ip"],
+            allow_text=self["allow"],
+            access_log=not self["no-access-log"],
+            port=port,
+            port_text=self["port"],
+            workers=workers,
+            allow=allow,
+            inherit_fd=inherit_fd,
+            worker_index=_number("--worker-index", self["worker-index"], int),
+        )
         # Last: it may read files (TLS keys) that an error above makes moot.
-        check_endpoint(self["port-text"], self["port"])
-
-
-def worker_arguments(config: Options) -> list[str]:
-    """The options a worker process gets, to serve exactly as its parent does."""
-    args = [
-        "--dir", os.path.abspath(config["dir"]),
-        "--cache-size", str(config["cache-size"]),
-        "--idle-timeout", str(config["idle-timeout"] or 0),
-        "--max-connections", str(config["max-connections"]),
-        "--max-per-ip", str(config["max-per-ip"]),
-        "--drain-timeout", str(config["drain-timeout"]),
-    ]
-    if config["allow-text"] is not None:
-        args += ["--allow", config["allow-text"]]
-    if config["no-access-log"]:
-        args.append("--no-access-log")
-    return args
+        check_endpoint(self["port"], port)
 
 
 def _number(option: str, text: str, kind: type) -> Any:
@@ -463,20 +266,20 @@ class DrainService(Service):
 class _Announcer(Service):
     _log = Logger()
 
-    def __init__(self, config: Options) -> None:
+    def __init__(self, config: DaemonConfig) -> None:
         self._config = config
 
     def startService(self) -> None:
         super().startService()
         c = self._config
-        if c["inherit-fd"] is not None:
+        if c.inherit_fd is not None:
             return
         self._log.info(
             "filecache serving {dir} on {port}, cache {cache_size} bytes, {workers} worker(s)",
-            dir=os.path.realpath(c["dir"]),
-            port=c["port"],
-            cache_size=c["cache-size"],
-            workers=c["workers"],
+            dir=os.path.realpath(c.dir),
+            port=c.port,
+            cache_size=c.cache_size,
+            workers=c.workers,
         )
 
     def stopService(self) -> None:
@@ -484,46 +287,47 @@ class _Announcer(Service):
         self._log.info("filecache stopping")
 
 
-def makeService(config: Options, reactor: Any = None) -> IService:
-    """The daemon: a listener, its factory, and a pool for disk work."""
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """The daemon: a listener, its factory, and the disk threads."""
     if reactor is None:
         from twisted.internet import reactor
+    config = options.config
     top = MultiService()
     disk = DiskWork(reactor)
     DiskWorkService(disk).setServiceParent(top)
-    server = Responder(
-        SharedFolder(config["dir"]),
-        FifoCache(config["cache-size"]),
+    responder = Responder(
+        SharedFolder(config.dir),
+        FifoCache(config.cache_size),
         run_blocking=disk,
         reactor=reactor,
-        worker=config["worker-index"],
+        worker=config.worker_index,
     )
     factory = FileCacheFactory(
-        server,
+        responder,
         clock=reactor,
-        access_log=not config["no-access-log"],
-        idle_timeout=config["idle-timeout"],
-        max_connections=config["max-connections"],
-        max_per_ip=config["max-per-ip"],
-        allow=config["allow"],
+        access_log=config.access_log,
+        idle_timeout=config.idle_timeout,
+        max_connections=config.max_connections,
+        max_per_ip=config.max_per_ip,
+        allow=config.allow,
     )
     listener: Service
-    endpoint = StartupEndpoint(serverFromString(reactor, config["port"]), config["port-text"])
-    if config["inherit-fd"] is not None:
-        fd, family = config["inherit-fd"]
+    endpoint = StartupEndpoint(serverFromString(reactor, config.port), config.port_text)
+    if config.inherit_fd is not None:
+        fd, family = config.inherit_fd
         listener = AdoptedPortService(reactor, fd, family, factory)
-    elif config["workers"] > 1:
+    elif config.workers > 1:
         listener = WorkerPool(
             reactor,
             endpoint,
             factory,
-            config["workers"] - 1,
-            worker_arguments(config),
-            stop_timeout=config["drain-timeout"] + 5,
+            config.workers - 1,
+            config.to_argv(),
+            stop_timeout=config.drain_timeout + 5,
         )
     else:
         listener = StreamServerEndpointService(endpoint, factory)
     listener.setServiceParent(top)
-    DrainService(factory, config["drain-timeout"], reactor, disk).setServiceParent(top)
+    DrainService(factory, config.drain_timeout, reactor, disk).setServiceParent(top)
     _Announcer(config).setServiceParent(top)
     return top

@@ -1,0 +1,98 @@
+"""
+The daemon's configuration: one frozen, typed value made from the plugin's
+options, and the options that make it again for a worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from filecache.daemon.admission import Network
+
+DEFAULT_BACKLOG = 1024
+
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?\Z", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """
+    Bytes from C{123}, C{64K}, C{64M}, C{1G} (binary units; C{KiB}, C{MB}
+    and lower case accepted too).
+
+    @raise ValueError: for anything else.
+    """
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use bytes or a K/M/G suffix)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def endpoint_description(port: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    A server endpoint description from C{--port}: a bare number means TCP,
+    and a TCP listener gets a deep backlog unless it sets one.
+    """
+    port = port.strip()
+    if port.isdigit():
+        port = f"tcp:{port}"
+    kind = port.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in port:
+        port += f":backlog={backlog}"
+    return port
+
+
+def _option(name: str) -> Any:
+    """Field metadata: the option that carries this field to a worker."""
+    return {"option": name}
+
+
+# Fields a worker never gets from its parent's argv: the listener is the
+# parent's, and the worker's own number and socket are added by the pool.
+_NOT_FOR_WORKERS = frozenset({"port", "port_text", "workers", "inherit_fd", "worker_index", "allow"})
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """
+    Everything the daemon is told at start.  Each field a worker needs
+    names its option in its metadata; L{to_argv} writes them all.
+    """
+
+    dir: str = field(metadata=_option("--dir"))
+    cache_size: int = field(default=64 << 20, metadata=_option("--cache-size"))
+    idle_timeout: float | None = field(default=120.0, metadata=_option("--idle-timeout"))
+    drain_timeout: float = field(default=30.0, metadata=_option("--drain-timeout"))
+    max_connections: int = field(default=1024, metadata=_option("--max-connections"))
+    max_per_ip: int = field(default=64, metadata=_option("--max-per-ip"))
+    allow_text: str | None = field(default=None, metadata=_option("--allow"))
+    access_log: bool = field(default=True, metadata=_option("--no-access-log"))
+    port: str = "tcp:5000:backlog=1024"
+    port_text: str = "tcp:5000"
+    workers: int = 1
+    allow: tuple[Network, ...] | None = None
+    inherit_fd: tuple[int, int] | None = None
+    worker_index: int = 0
+
+    def to_argv(self) -> list[str]:
+        """The plugin's options that make this configuration again, for a worker."""
+        argv: list[str] = []
+        for f in fields(self):
+            option = f.metadata.get("option")
+            if option is None:
+                assert f.name in _NOT_FOR_WORKERS, f"{f.name}: no option carries it to workers"
+                continue
+            value = getattr(self, f.name)
+            if f.name == "access_log":
+                if not value:
+                    argv.append(option)
+            elif f.name == "dir":
+                argv += [option, os.path.abspath(value)]
+            elif f.name == "idle_timeout":
+                argv += [option, str(value or 0)]
+            elif value is not None:
+                argv += [option, str(value)]
+        return argv
