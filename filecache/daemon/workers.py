@@ -225,10 +225,6 @@ class WorkerPool(Service):
         if not self._stopping and self._port is not None and number not in self._workers:
             self._spawn(number)
 
-    @property
-    def pids(self) -> list[int]:
-        return [process.pid for _, process in self._workers.values()]
-
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self._stopping = True
