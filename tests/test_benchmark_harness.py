@@ -1,38 +1,39 @@
 """
-The benchmark harness (benchmarks/run.py) leaves the machine as it found it:
-the servers it starts write only under its work folder, never to a device.
+The benchmark harness (benchmarks/run.py and the package it is part of) leaves
+the machine as it found it: the servers it starts write only under its work
+folder, never to a device.
 """
 
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import os
 import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import pytest
 
-HARNESS_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+# benchmarks/ is a folder of the checkout, not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.dataset import DataSet
+from benchmarks.processes import Processes, tail
+from benchmarks.run import parse_args
+from benchmarks.servers import (
+    FILECACHE,
+    NGINX,
+    TWISTD_WEB,
+    Server,
+    filecache_options,
+    make_servers,
+    twistd_web_argv,
+)
 
 # twistd's LogFile (which twisted.web's access log uses) rotates at this size.
 ROTATE_LENGTH = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def harness() -> ModuleType:
-    """benchmarks/run.py, imported as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("filecache_benchmark_run", HARNESS_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
 
 
 def _device_paths(argv: list[str]) -> list[str]:
@@ -61,15 +62,14 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _servers(harness: ModuleType, work: Path, filecache_help: str) -> dict[str, Any]:
+def _servers(work: Path, filecache_help: str) -> dict[str, Server]:
     """The servers as the benchmark's main() makes them, in a work folder of our own."""
-    ds = harness.DataSet(
+    ds = DataSet(
         work / "data", work / "listdir", work / "lists" / "small.txt", work / "lists" / "cold.txt"
     )
-    args = harness.parse_args([])
+    args = parse_args([])
     args.filecache_help = filecache_help
-    servers: dict[str, Any] = harness.make_servers(ds, args, work / "logs", work)
-    return servers
+    return make_servers(ds, args, work / "logs", work)
 
 
 def _access_log(argv: list[str]) -> Path | None:
@@ -80,15 +80,15 @@ def _access_log(argv: list[str]) -> Path | None:
     return Path(rest[rest.index("--logfile") + 1]) if "--logfile" in rest else None
 
 
-def test_no_server_is_given_a_device_path(harness: ModuleType, work: Path) -> None:
+def test_no_server_is_given_a_device_path(work: Path) -> None:
     """
     No command line the benchmark builds for a server (filecache, nginx,
     twistd web, and twistd web on the listing folder) names a device: twistd
     rotates a log file by renaming it, and /dev/null was renamed away that way.
     """
-    servers = _servers(harness, work, filecache_help="")
+    servers = _servers(work, filecache_help="")
     argvs = {name: server.argv(5000) for name, server in servers.items()}
-    argvs["twistd-web-list"] = harness.twistd_web_argv(5000, work / "listdir", work / "logs" / "x.log")
+    argvs["twistd-web-list"] = twistd_web_argv(5000, work / "listdir", work / "logs" / "x.log")
     assert {name: _device_paths(argv) for name, argv in argvs.items()} == {
         name: [] for name in argvs
     }
@@ -137,9 +137,9 @@ def _log_past_rotation(port: int, access_log: Path, deadline: float) -> None:
 
 
 @pytest.fixture
-def processes(harness: ModuleType) -> Iterator[Any]:
+def processes() -> Iterator[Processes]:
     """The harness's own process registry; whatever it started is stopped after the test."""
-    procs = harness.Processes()
+    procs = Processes()
     yield procs
     procs.stop_all()
 
@@ -147,7 +147,7 @@ def processes(harness: ModuleType) -> Iterator[Any]:
 @pytest.mark.system
 @pytest.mark.parametrize("name", ["filecache", "nginx", "twistd-web"])
 def test_server_leaves_dev_null_a_character_device(
-    harness: ModuleType, work: Path, processes: Any, name: str
+    work: Path, processes: Processes, name: str
 ) -> None:
     """
     Each of the benchmark's servers, started as the benchmark starts it
@@ -161,19 +161,19 @@ def test_server_leaves_dev_null_a_character_device(
         pytest.skip(f"{os.devnull} is already not a character device: nothing to check")
     before = sorted(Path(os.devnull).parent.glob("null*"))
     deadline = time.monotonic() + 30
-    help_text = harness.filecache_options() if name == harness.FILECACHE else ""
-    servers = _servers(harness, work, filecache_help=help_text)
+    help_text = filecache_options() if name == FILECACHE else ""
+    servers = _servers(work, filecache_help=help_text)
     if name not in servers:
-        assert name == harness.NGINX
+        assert name == NGINX
         pytest.skip("nginx is not installed (apt-get install -y nginx): its part is not checked")
     server = servers[name]
     server.argv = _refuse_devices(server.argv)
     server.start(processes)
-    access_log = _access_log(server.argv(server.port)) if name == harness.TWISTD_WEB else None
+    access_log = _access_log(server.argv(server.port)) if name == TWISTD_WEB else None
     if access_log is not None:
         assert access_log.is_relative_to(work)
         _log_past_rotation(server.port, access_log, deadline)
-    assert server.alive(), harness.tail(server.log)
+    assert server.alive(), tail(server.log)
     server.stop(processes)
     assert _is_char_device(os.devnull), f"{os.devnull} is no longer a character device"
     assert sorted(Path(os.devnull).parent.glob("null*")) == before

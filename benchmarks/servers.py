@@ -1,0 +1,235 @@
+"""
+The three servers measured (filecache, nginx, twistd web): their command lines,
+nginx's configuration, and Server, which starts one and waits until it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.console import BenchError, say
+from benchmarks.dataset import DataSet
+from benchmarks.processes import LOOPBACK, Processes, exit_status, free_port, wait_listening
+
+CACHE_SIZE = "64M"
+CACHE_BYTES = 64 << 20
+MAX_PER_IP = 1024
+
+FILECACHE = "filecache"
+NGINX = "nginx"
+TWISTD_WEB = "twistd-web"
+SERVER_NAMES = (FILECACHE, NGINX, TWISTD_WEB)
+
+
+def wait_workers(log: Path, offset: int, workers: str, timeout: float = 30) -> None:
+    """
+    With --workers, the parent listens before its workers are up: wait until
+    every process has logged that it listens, so a run measures them all.
+    """
+    count = (os.cpu_count() or 1) if workers == "auto" else int(workers)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            if f.read().count(b"FileCacheFactory starting on") >= count:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"the filecache workers did not all start within {timeout:g} s; see {log}")
+
+
+@dataclass
+class Server:
+    name: str
+    proto: str  # "fc" or "http"
+    argv: Callable[[int], list[str]]  # port -> command line
+    log: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, procs: Processes) -> None:
+        self.port = free_port()
+        argv = self.argv(self.port)
+        with open(self.log, "a") as f:
+            f.write(f"\n# {datetime.datetime.now().isoformat()} {' '.join(argv)}\n")
+            offset = f.tell()
+        self.proc = procs.start(argv, self.log)
+        wait_listening(self.proc, self.port, self.name, self.log)
+        if "--workers" in argv:
+            wait_workers(self.log, offset, argv[argv.index("--workers") + 1])
+
+    def stop(self, procs: Processes) -> None:
+        if self.proc is not None:
+            procs.stop(self.proc)
+            self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and exit_status(self.proc) is None
+
+
+def twistd() -> str:
+    path = shutil.which("twistd")
+    if not path:
+        raise BenchError("twistd not found: pip install -e . (in the repository)")
+    return path
+
+
+def filecache_options() -> str:
+    """The daemon's --help text, to see which options this version has."""
+    done = subprocess.run(
+        [twistd(), "filecache", "--help"], check=False, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout
+
+
+def filecache_argv(port: int, folder: Path, args: argparse.Namespace) -> list[str]:
+    argv = [
+        twistd(),
+        "-n",
+        "--pidfile=",
+        "filecache",
+        "--port",
+        f"tcp:{port}:interface={LOOPBACK}",
+        "--dir",
+        str(folder),
+        "--cache-size",
+        CACHE_SIZE,
+        "--no-access-log",
+    ]
+    if args.workers:
+        argv += ["--workers", str(args.workers)]
+    if "--max-per-ip" in args.filecache_help:
+        # Every benchmark client comes from 127.0.0.1: a per-address limit
+        # meant for the internet would refuse workload 4's 200 connections.
+        argv += ["--max-per-ip", str(MAX_PER_IP)]
+    return argv + list(args.daemon_arg)
+
+
+def twistd_web_argv(port: int, folder: Path, access_log: Path) -> list[str]:
+    """
+    twistd web serving C{folder}.  Its access log (web's --logfile) rotates at
+    1 MB by renaming the file and creating a new one in its place, so it must
+    be a regular file of ours: given /dev/null, a run as root renamed the
+    device away and left a regular file in its place (issue 8, item 23).
+    """
+    return [
+        twistd(),
+        "-n",
+        "--pidfile=",
+        "web",
+        "--path",
+        str(folder),
+        "--listen",
+        f"tcp:{port}:interface={LOOPBACK}:backlog=1024",
+        "--logfile",
+        str(access_log),
+    ]
+
+
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+
+
+NGINX_CONF = """\
+# Written by benchmarks/run.py for one run; not a system configuration.
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000000;
+    keepalive_timeout 600s;
+    open_file_cache off;
+    default_type application/octet-stream;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen {addr}:{{port}};
+        root {root};
+        location /listdir/ {{
+            alias {listdir}/;
+            autoindex on;
+        }}
+    }}
+}}
+"""
+
+
+def make_servers(
+    ds: DataSet, args: argparse.Namespace, logs: Path, work: Path
+) -> dict[str, Server]:
+    """The servers to measure; every file they write is under C{work} or C{logs}."""
+    servers: dict[str, Server] = {}
+    wanted = args.servers
+
+    if FILECACHE in wanted:
+        servers[FILECACHE] = Server(
+            FILECACHE,
+            "fc",
+            lambda port: filecache_argv(port, ds.root, args),
+            logs / "filecache.log",
+        )
+
+    if NGINX in wanted:
+        nginx = find_nginx()
+        if nginx is None:
+            say("nginx not installed: apt-get install -y nginx")
+        else:
+            prefix = work / "nginx"
+            if prefix.exists():
+                shutil.rmtree(prefix)
+            prefix.mkdir(parents=True)
+            conf_template = NGINX_CONF.format(
+                prefix=prefix, addr=LOOPBACK, root=ds.root, listdir=ds.listdir
+            )
+            conf = prefix / "nginx.conf"
+
+            def nginx_argv(port: int) -> list[str]:
+                conf.write_text(conf_template.replace("{port}", str(port)))
+                # -e: the error log before the configuration is read.
+                return [
+                    nginx,
+                    "-p",
+                    str(prefix),
+                    "-e",
+                    str(prefix / "error.log"),
+                    "-c",
+                    str(conf),
+                    "-g",
+                    "daemon off;",
+                ]
+
+            servers[NGINX] = Server(NGINX, "http", nginx_argv, logs / "nginx.log")
+
+    if TWISTD_WEB in wanted:
+        servers[TWISTD_WEB] = Server(
+            TWISTD_WEB,
+            "http",
+            lambda port: twistd_web_argv(port, ds.root, logs / "twistd-web-access.log"),
+            logs / "twistd-web.log",
+        )
+    return servers
