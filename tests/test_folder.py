@@ -22,6 +22,22 @@ from filecache.daemon.folder import FileStat, NotShared, OpenedFile, SharedFolde
 from filecache.wire import quote_path, unquote_path
 
 
+def list_files(folder: SharedFolder) -> list[tuple[str, FileStat]]:
+    """
+    Every file a whole walk of C{folder} lists, as (wire path, state),
+    sorted by the path's UTF-8 bytes (the walk itself does not sort).
+    """
+    found: list[tuple[bytes, FileStat]] = []
+    walk = folder.walk()
+    try:
+        while (rows := walk.next_rows(lambda path, st: (path, FileStat.of(st)))) is not None:
+            found.extend(rows)
+    finally:
+        walk.close()
+    found.sort(key=lambda row: row[0])
+    return [(path.decode("utf-8"), st) for path, st in found]
+
+
 def write(root: Path, relative: str, data: bytes = b"data") -> Path:
     """Create the file C{relative} under C{root}, with its parent directories."""
     target = root / relative
@@ -103,7 +119,7 @@ def test_root_given_through_symlink(root: Path, tmp_path: Path) -> None:
         assert read_all(opened) == b"hello"
     finally:
         opened.close()
-    assert [path for path, _ in folder.list_files()] == ["f.txt"]
+    assert [path for path, _ in list_files(folder)] == ["f.txt"]
 
 
 def test_root_inside_dot_directory_is_served(tmp_path: Path) -> None:
@@ -116,7 +132,7 @@ def test_root_inside_dot_directory_is_served(tmp_path: Path) -> None:
         assert read_all(opened) == b"visible"
     finally:
         opened.close()
-    assert [path for path, _ in folder.list_files()] == ["sub/f.txt"]
+    assert [path for path, _ in list_files(folder)] == ["sub/f.txt"]
 
 
 # open(): what is served
@@ -395,7 +411,7 @@ def test_mode_000_file_is_unreadable(root: Path, folder: SharedFolder) -> None:
             assert open_fds() == before
             assert info.value.error.errno == errno.EACCES
             assert "locked.txt" in str(info.value)
-            assert [path for path, _ in folder.list_files()] == ["locked.txt"]
+            assert [path for path, _ in list_files(folder)] == ["locked.txt"]
     finally:
         os.chmod(target, 0o644)
 
@@ -447,7 +463,7 @@ def test_no_descriptor_leaks(root: Path, folder: SharedFolder) -> None:
         opened_one = folder.open("sub/g.txt")
         opened_one.close()
         opened_one.close()  # closing twice is harmless
-        folder.list_files()
+        list_files(folder)
         assert open_fds() == before
 
 
@@ -536,7 +552,7 @@ def test_is_current_false_after_change(
 
 def test_list_empty(folder: SharedFolder) -> None:
     """An empty folder lists nothing."""
-    assert folder.list_files() == []
+    assert list_files(folder) == []
 
 
 def test_list_files_tree(root: Path, folder: SharedFolder, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -566,7 +582,7 @@ def test_list_files_tree(root: Path, folder: SharedFolder, monkeypatch: pytest.M
     monkeypatch.chdir(root)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.bind("sock")
-        listed = folder.list_files()
+        listed = list_files(folder)
     names = [path for path, _ in listed]
     assert names == [
         "Z.txt",
@@ -592,7 +608,7 @@ def test_list_files_stats(root: Path, folder: SharedFolder) -> None:
     write(root, "d/b.txt", b"x" * 1000)
     (root / "link").symlink_to("d/b.txt")
     os.utime(root / "a.txt", ns=(1, 1_234_567_890_123_456_789))
-    listed = dict(folder.list_files())
+    listed = dict(list_files(folder))
     assert set(listed) == {"a.txt", "d/b.txt", "link"}
     assert listed["a.txt"].size == 3
     assert listed["a.txt"].mtime_ns == 1_234_567_890_123_456_789
@@ -608,7 +624,7 @@ def test_list_files_agrees_with_open(root: Path, folder: SharedFolder) -> None:
     _setup_refusals(root)
     write(root, "a/b c/\u00e9%.txt", b"odd name")
     (root / "in-link").symlink_to("f.txt")
-    listed = folder.list_files()
+    listed = list_files(folder)
     assert listed
     for path, st in listed:
         assert unquote_path(quote_path(path)) == path
@@ -626,7 +642,7 @@ def test_list_files_skips_names_that_cannot_be_fetched(root: Path, folder: Share
     write(root, "dir\\name/inner.txt")
     with pytest.raises(NotShared):
         folder.open("back\\slash.txt")
-    assert [path for path, _ in folder.list_files()] == ["plain.txt"]
+    assert [path for path, _ in list_files(folder)] == ["plain.txt"]
 
 
 def test_list_files_skips_non_utf8_names(root: Path, folder: SharedFolder) -> None:
@@ -639,7 +655,7 @@ def test_list_files_skips_non_utf8_names(root: Path, folder: SharedFolder) -> No
     with open(os.path.join(raw_root, b"dir\xfe", b"inner.txt"), "wb") as f:
         f.write(b"x")
     assert len(os.listdir(raw_root)) == 3
-    assert [path for path, _ in folder.list_files()] == ["good.txt"]
+    assert [path for path, _ in list_files(folder)] == ["good.txt"]
 
 
 def test_list_files_does_not_loop(root: Path, folder: SharedFolder) -> None:
@@ -652,7 +668,7 @@ def test_list_files_does_not_loop(root: Path, folder: SharedFolder) -> None:
     (root / "a" / "b" / "self").symlink_to(".")
     (root / "a" / "b" / "abs-root").symlink_to(root)
     with prompt():
-        names = [path for path, _ in folder.list_files()]
+        names = [path for path, _ in list_files(folder)]
     assert names.count("top.txt") == 1
     assert "a/b/f.txt" in names
     assert len(names) == len(set(names))
@@ -670,7 +686,7 @@ def test_list_files_keeps_real_directory_beside_symlink_to_it(
     write(root, "real/f.txt")
     for name in ("aa", "link", "mm", "zz", "0", "Q", "r", "s"):
         (root / name).symlink_to("real")
-    names = [path for path, _ in folder.list_files()]
+    names = [path for path, _ in list_files(folder)]
     assert "real/f.txt" in names
 
 
@@ -687,7 +703,7 @@ def test_list_files_lists_what_open_serves_through_dir_symlink(
     (root / "link").symlink_to("real")
     opened = folder.open("link/f.txt")
     opened.close()
-    assert [path for path, _ in folder.list_files()] == ["real/f.txt"]
+    assert [path for path, _ in list_files(folder)] == ["real/f.txt"]
 
 
 # FileStat

@@ -23,14 +23,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import AccumulatingProtocol, MemoryReactor, StringTransport
 
 from filecache import __version__, wire
-from filecache.daemon import transfer
+from filecache.daemon import sockets, transfer
 from filecache.daemon.admission import parse_allow
 from filecache.daemon.cache import FifoCache
 from filecache.daemon.diskwork import DiskWork
 from filecache.daemon.folder import SharedFolder
+from filecache.daemon.hashing import HASH_STEP
 from filecache.daemon.listing import KERNEL_QUEUE, ListBody
 from filecache.daemon.native import FileCacheFactory, FileCacheProtocol
-from filecache.daemon.responder import HASH_STEP, Responder
+from filecache.daemon.responder import Responder
 
 T = TypeVar("T")
 PEER_HOST = "127.0.0.1"
@@ -319,12 +320,12 @@ def test_fast_path_falls_back_when_twisted_renames_its_buffer() -> None:
     a, b = socket.socketpair()
     try:
         conn = tcp.Connection(a, AccumulatingProtocol(), reactor=MemoryReactor())
-        assert transfer.direct_socket(conn) is a
+        assert sockets.direct_socket(conn) is a
         del conn._tempDataLen
-        assert transfer.direct_socket(conn) is None
+        assert sockets.direct_socket(conn) is None
         written: list[bytes] = []
         conn.write = written.append  # type: ignore[method-assign]
-        transfer.write_now(conn, b"reply", transfer.direct_socket(conn))
+        sockets.write_now(conn, b"reply", sockets.direct_socket(conn))
         assert written == [b"reply"]
     finally:
         a.close()

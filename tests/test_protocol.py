@@ -39,9 +39,10 @@ from twisted.test import iosim
 from filecache import wire
 from filecache.daemon import transfer
 from filecache.daemon.cache import FifoCache
-from filecache.daemon.folder import FileStat, FolderWalk, OpenedFile, SharedFolder, Unreadable
+from filecache.daemon.folder import FileStat, OpenedFile, SharedFolder, Unreadable
 from filecache.daemon.native import FileCacheFactory, FileCacheProtocol
 from filecache.daemon.responder import Responder
+from filecache.daemon.walk import FolderWalk
 
 PEER = IPv4Address("TCP", "127.0.0.1", 12345)
 MTIME_NS = 1_700_000_000_123_456_789

@@ -8,11 +8,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
+from filecache.daemon.walk import MAX_WALK_DEPTH, MAX_WALK_ENTRIES, FolderWalk
 from filecache.wire import PathError, split_path
 
 # Errors that mean "there is no shareable file by that name"; every other
@@ -26,18 +25,6 @@ SETTLE = 0.05
 """Seconds after a file's last change before one read of it is trusted: a
 write stamps the change time before it copies its bytes, so a write still
 copying (its writer preempted, say) cannot be seen in the file's state."""
-
-MAX_WALK_ENTRIES = 1_000_000
-"""The most directory entries one walk looks at before it gives up."""
-
-MAX_WALK_DEPTH = 64
-"""The deepest folder level one walk goes into before it gives up."""
-
-WALK_STEP = 1024
-"""Directory entries one L{FolderWalk.next_rows} call looks at, at most."""
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_PATH = getattr(os, "O_PATH", 0)
 
 class NotShared(Exception):
     """The path names nothing that is shared: absent, hidden, outside, or not a regular file."""
@@ -59,7 +46,12 @@ def version_token(st: os.stat_result) -> str:
     rewritten with its modification time put back (C{cp -p}, C{rsync -t},
     C{touch -r}) still gets a new token.
     """
-    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ctime_ns:x}"
+    return _token(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _token(ino: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    # The one place a version token is written.
+    return f"{ino:x}-{size:x}-{mtime_ns:x}-{ctime_ns:x}"
 
 
 @dataclass(frozen=True)
@@ -78,7 +70,7 @@ class FileStat:
     @property
     def version(self) -> str:
         """The opaque token that changes whenever the content may have changed."""
-        return f"{self.ino:x}-{self.size:x}-{self.mtime_ns:x}-{self.ctime_ns:x}"
+        return _token(self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
     @property
     def mtime(self) -> int:
@@ -237,6 +229,19 @@ class SharedFolder:
             return False
         return now == opened.stat == named
 
+    def still_holds(self, source: str, version: str) -> bool:
+        """
+        Whether the path C{source} (as L{OpenedFile.source}) names a regular
+        file of version C{version} now: one C{stat}, no open.  A file that
+        was confined when it was opened and has the same inode, size and
+        times is the same file.
+        """
+        try:
+            st = os.stat(source)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and version_token(st) == version
+
     def read_whole(self, opened: OpenedFile) -> bytes:
         """
         The whole content of a small file, checked against its state: a
@@ -259,217 +264,20 @@ class SharedFolder:
 
     def walk(self, *, max_entries: int = MAX_WALK_ENTRIES, max_depth: int = MAX_WALK_DEPTH) -> FolderWalk:
         """A walk of every shared regular file; the caller must L{FolderWalk.close} it."""
-        return FolderWalk(self, max_entries, max_depth)
-
-    def list_files(self) -> list[tuple[str, FileStat]]:
-        """
-        Every shared regular file, recursively, as (wire path, state), sorted
-        by the path's UTF-8 bytes: a whole walk, for callers that want it all.
-        """
-        found: list[tuple[bytes, FileStat]] = []
-        walk = self.walk()
-        try:
-            while True:
-                rows = walk.next_rows(lambda path, st: (path, FileStat.of(st)))
-                if rows is None:
-                    break
-                found.extend(rows)
-        finally:
-            walk.close()
-        found.sort(key=lambda row: row[0])
-        return [(path.decode("utf-8"), st) for path, st in found]
+        return FolderWalk(self.root, self._inside, self._proc_fds, max_entries, max_depth)
 
 
-R = TypeVar("R")
-
-
-class WalkTooLarge(Exception):
-    """The folder has more entries or deeper folders than one walk may look at."""
-
-
-class _Level:
-    """One folder being read: its descriptor, its entries, its wire prefix."""
-
-    __slots__ = ("entries", "fd", "prefix")
-
-    def __init__(self, fd: int, prefix: bytes) -> None:
-        self.fd = fd
-        self.prefix = prefix
-        self.entries = os.scandir(fd)
-
-    def close(self) -> None:
-        self.entries.close()
-        os.close(self.fd)
-
-
-class FolderWalk:
+def hash_range(fd: int, hasher: Any, position: int, end: int) -> int:
     """
-    A walk of the shared folder, a bounded step at a time, by descriptors.
+    Feed bytes C{position} to C{end} of C{fd} to C{hasher}, 1 MiB per read;
+    return where it stopped (C{end}).
 
-    Every folder is opened relative to its parent's descriptor with
-    C{O_NOFOLLOW}, so a folder swapped for a symlink while the walk runs is
-    refused rather than followed out of the tree.  Symlinks to folders are
-    not followed at all (each real folder is listed once, at its real
-    place); symlinks to regular files are listed when their target is in
-    the folder.  Memory is one descriptor and one directory buffer per level
-    being read, whatever the size of the folder.
-
-    One thread at a time calls L{next_rows}; L{close} may be called from
-    another thread meanwhile: the descriptors are then closed as soon as
-    the step under way returns, by whichever thread is last.
+    @raise OSError: on a read error, or if the file ends first.
     """
-
-    def __init__(self, folder: SharedFolder, max_entries: int, max_depth: int) -> None:
-        self._lock = threading.Lock()
-        self._closing = False
-        self._folder = folder
-        self._max_entries = max_entries
-        self._max_depth = max_depth
-        self._seen = 0
-        self._stack: list[_Level] = []
-        self._visited: set[tuple[int, int]] = set()
-        self._started = False
-
-    def next_rows(self, row: Callable[[bytes, os.stat_result], R], step: int = WALK_STEP) -> list[R] | None:
-        """
-        C{row(utf8_path, stat)} for the next shared files, looking at no more
-        than C{step} directory entries; C{None} once the walk is over.  The
-        order is the walk's: no sorting.
-
-        @raise WalkTooLarge: past the walk's bounds.
-        @raise OSError: if the shared folder itself cannot be read, or
-            descriptors run out.
-        """
-        with self._lock:
-            rows = self._step(row, step)
-        if self._closing:
-            self.close()
-        return rows
-
-    def _step(self, row: Callable[[bytes, os.stat_result], R], step: int) -> list[R] | None:
-        if self._closing:
-            return None
-        if not self._started:
-            self._started = True
-            fd = os.open(self._folder.root, _DIR_FLAGS)
-            self._push(fd, b"")
-        found: list[R] = []
-        append = found.append
-        is_reg = stat.S_ISREG
-        budget = step
-        stack = self._stack
-        while stack and budget > 0:
-            level = stack[-1]
-            prefix = level.prefix
-            if self._seen + budget > self._max_entries:
-                budget = self._max_entries - self._seen + 1
-            seen = 0
-            for entry in level.entries:
-                seen += 1
-                name = entry.name
-                # The common case inline (a plain, visible, regular file):
-                # the type comes from the directory entry, one stat follows.
-                if name[0] != "." and "\\" not in name and entry.is_file(follow_symlinks=False):
-                    try:
-                        encoded = prefix + name.encode("utf-8")
-                        st = entry.stat(follow_symlinks=False)
-                    except UnicodeEncodeError:
-                        pass
-                    except OSError as e:
-                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                            raise
-                    else:
-                        if is_reg(st.st_mode):
-                            append(row(encoded, st))
-                else:
-                    self._visit(level, entry, row, found)
-                if seen >= budget or stack[-1] is not level:
-                    break
-            else:
-                stack.pop().close()
-            budget -= seen
-            self._seen += seen
-            if self._seen > self._max_entries:
-                raise WalkTooLarge(f"more than {self._max_entries} entries")
-        return found if (found or stack) else None
-
-    def _visit(
-        self, level: _Level, entry: os.DirEntry[str], row: Callable[[bytes, os.stat_result], R], found: list[R]
-    ) -> None:
-        name = entry.name
-        if name[0] == "." or "\\" in name:
-            return
-        try:
-            encoded = level.prefix + name.encode("utf-8")
-        except UnicodeEncodeError:
-            return
-        try:
-            if entry.is_symlink():
-                st = self._link_target(level.fd, name)
-                if st is not None:
-                    found.append(row(encoded, st))
-                return
-            if entry.is_dir(follow_symlinks=False):
-                self._descend(level.fd, name, encoded)
-                return
-            st = entry.stat(follow_symlinks=False)
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                raise
-            return
-        if stat.S_ISREG(st.st_mode):
-            found.append(row(encoded, st))
-
-    def _descend(self, parent: int, name: str, encoded: bytes) -> None:
-        if len(self._stack) >= self._max_depth:
-            raise WalkTooLarge(f"folders nested deeper than {self._max_depth} levels")
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        try:
-            key = _dir_key(os.fstat(fd))
-        except OSError:
-            os.close(fd)
-            raise
-        if key in self._visited:
-            # The same folder again (a bind mount of an ancestor, say).
-            os.close(fd)
-            return
-        self._push(fd, encoded + b"/")
-
-    def _push(self, fd: int, prefix: bytes) -> None:
-        try:
-            self._visited.add(_dir_key(os.fstat(fd)))
-            self._stack.append(_Level(fd, prefix))
-        except OSError:
-            os.close(fd)
-            raise
-
-    def _link_target(self, parent: int, name: str) -> os.stat_result | None:
-        """The state of a symlink's target if it is a shared regular file."""
-        folder = self._folder
-        if not (_O_PATH and folder._proc_fds):
-            # Without O_PATH and /proc: resolve by name (racy, not Linux).
-            return None
-        fd = os.open(name, _O_PATH | os.O_CLOEXEC, dir_fd=parent)
-        try:
-            real = os.readlink(f"/proc/self/fd/{fd}")
-            if not folder._inside(real):
-                return None
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        return st if stat.S_ISREG(st.st_mode) else None
-
-    def close(self) -> None:
-        """Close every descriptor the walk holds; it ends here."""
-        self._closing = True
-        if self._lock.acquire(blocking=False):
-            try:
-                while self._stack:
-                    self._stack.pop().close()
-                self._started = True
-            finally:
-                self._lock.release()
-
-
-def _dir_key(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)
+    while position < end:
+        chunk = os.pread(fd, min(1 << 20, end - position), position)
+        if not chunk:
+            raise OSError(0, "file ended early")
+        hasher.update(chunk)
+        position += len(chunk)
+    return position

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from filecache import wire
 from filecache.daemon.diskwork import BlockingRunner
-from filecache.daemon.folder import FolderWalk, WalkTooLarge
+from filecache.daemon.walk import FolderWalk, WalkTooLarge
 
 
 @dataclass(frozen=True)

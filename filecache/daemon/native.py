@@ -5,11 +5,7 @@ into calls on L{Responder} and streams its replies back, one at a time.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import socket
-import struct
-import termios
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -38,40 +34,14 @@ from filecache.daemon.responder import (
     Responder,
     error_reply,
 )
-from filecache.daemon.transfer import (
-    TransferFailed,
+from filecache.daemon.sockets import (
+    describe_peer,
     direct_socket,
+    plain_socket,
+    unsent_bytes,
     write_now,
 )
-
-
-def describe_peer(address: IAddress) -> str:
-    """C{host:port} of a TCP peer, or the address's own text for others."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    if isinstance(name, bytes):
-        name = os.fsdecode(name)
-    return name or type(address).__name__
-
-
-def unsent_bytes(sock: socket.socket | None) -> int | None:
-    """
-    The bytes still waiting in the kernel's send queue of C{sock}
-    (C{SIOCOUTQ}, Linux), or C{None} where that cannot be asked.  When it
-    shrinks, the peer is taking bytes, even while the socket is not yet
-    reported writable again.
-    """
-    if sock is None:
-        return None
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return None
-    value: int = struct.unpack("i", raw)[0]
-    return value
+from filecache.daemon.transfer import TransferFailed
 
 
 class _IConnection(ITCPTransport, IConsumer):
@@ -165,7 +135,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         factory = self.factory
         self._socket = direct_socket(self.transport)
-        self._queue_socket = _plain_socket(self.transport)
+        self._queue_socket = plain_socket(self.transport)
         self.peer = describe_peer(self.transport.getPeer())
         factory.admission.opened(self)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -372,15 +342,6 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             seconds=factory.clock.seconds() - started,
             cache=reply.cache,
         )
-
-
-def _plain_socket(transport: object) -> socket.socket | None:
-    """The socket under a TCP transport, TLS or not, if it has one."""
-    for candidate in (transport, getattr(transport, "transport", None)):
-        sock = getattr(candidate, "socket", None)
-        if isinstance(sock, socket.socket):
-            return sock
-    return None
 
 
 if TYPE_CHECKING:

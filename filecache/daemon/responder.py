@@ -10,7 +10,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from stat import S_ISREG
 from typing import cast
 
 from twisted.internet.defer import Deferred
@@ -30,6 +29,7 @@ from filecache.daemon.folder import (
     Unreadable,
     version_token,
 )
+from filecache.daemon.hashing import Hashes
 from filecache.daemon.listing import ListBody
 
 __all__ = ["BlockingRunner", "run_now"]  # where they were before diskwork.py
@@ -37,11 +37,6 @@ __all__ = ["BlockingRunner", "run_now"]  # where they were before diskwork.py
 INLINE_LIMIT = 64 * 1024
 """Bodies up to this size are sent in one write together with their status
 and END lines: one segment on the wire, no producer to set up."""
-
-HASH_STEP = 8 * 1024 * 1024
-"""Bytes hashed per step in a disk thread: a step is a few milliseconds, so
-the disk threads take the clients that wait on them in turn."""
-
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -77,32 +72,6 @@ class Counters:
     requests: int = 0
 
 
-class _SharedHash:
-    """
-    One whole-file hash in progress, shared by every request for the same
-    version: the file is read once however many ask at once.
-    """
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        self.size = size
-        self.hasher = hashlib.sha256()
-        self.position = 0
-        self.waiters: list[Deferred[str]] = []
-
-    def step(self) -> bool:
-        """Hash the next piece (in a disk thread); C{True} when all is read."""
-        size = self.size
-        end = min(size, self.position + HASH_STEP)
-        while self.position < end:
-            chunk = os.pread(self.fd, min(1 << 20, end - self.position), self.position)
-            if not chunk:
-                raise OSError(0, "file ended early")
-            self.hasher.update(chunk)
-            self.position += len(chunk)
-        return self.position >= size
-
-
 class Responder:
     """
     Answers requests for one shared folder through one shared cache.
@@ -132,7 +101,7 @@ class Responder:
         self._run_blocking = run_blocking
         self._stores = Stores(folder, cache, self.digests, self._count_sent)
         self._more_figures: list[Callable[[], list[tuple[str, int]]]] = []
-        self._hashing: dict[str, _SharedHash] = {}
+        self._hashes = Hashes(run_blocking, self.digests)
         self._reactor = reactor
         self._settle = settle
         self._started = reactor.seconds()
@@ -247,15 +216,11 @@ class Responder:
         entry = self.cache.peek(path)
         if entry is None or not entry.source:
             return None
-        try:
-            st = os.stat(entry.source)
-        except OSError:
-            return None
-        if not S_ISREG(st.st_mode) or version_token(st) != entry.version:
+        if not self.folder.still_holds(entry.source, entry.version):
             return None
         if self.cache.lookup(path, entry.version) is None:  # counts the hit
             return None  # pragma: no cover - the entry was just seen
-        return entry, st.st_size
+        return entry, len(entry.data)
 
     def _from_memory(
         self, data: bytes | bytearray, start: int, digest: str, version: str, cache: str
@@ -269,31 +234,13 @@ class Responder:
                 body = MemoryBody(data, start, tail_digest, self._count_sent)
                 return Reply(status, "OK", body, cache, length)
 
-            return self._digest_of_memory(data, start).addCallback(hashed)
+            return self._hashes.of_tail(data, start).addCallback(hashed)
         if start:
             digest = sha256_hex(memoryview(data)[start:])
         if length <= INLINE_LIMIT:
             whole = b"".join((status, data[start:] if start else data, wire.format_end(digest)))
             return Reply(whole, "OK", None, cache, length)
         return Reply(status, "OK", MemoryBody(data, start, digest, self._count_sent), cache, length)
-
-    def _digest_of_memory(self, data: bytes | bytearray, start: int) -> Deferred[str]:
-        hasher = hashlib.sha256()
-        view = memoryview(data)
-        position = [start]
-
-        def step() -> bool:
-            end = min(len(view), position[0] + HASH_STEP)
-            hasher.update(view[position[0] : end])
-            position[0] = end
-            return end >= len(view)
-
-        def next_step(done: bool) -> str | Deferred[str]:
-            if done:
-                return hasher.hexdigest()
-            return self._run_blocking(step).addCallback(next_step)
-
-        return self._run_blocking(step).addCallback(next_step)
 
     def _count_sent(self, count: int) -> None:
         self.counters.bytes_sent += count
@@ -335,53 +282,7 @@ class Responder:
                 return error_reply(wire.UNAVAILABLE, "cannot read file")
             return reason  # cancelled: the client has gone
 
-        return self._digest_of_file(opened).addCallbacks(hashed, failed)
-
-    def _digest_of_file(self, opened: OpenedFile) -> Deferred[str]:
-        """
-        The SHA-256 of the whole of C{opened}, read in steps in the disk
-        threads; concurrent requests for the same version share one read.
-        """
-        version = opened.stat.version
-        job = self._hashing.get(version)
-        start = job is None
-        if job is None:
-            job = _SharedHash(os.dup(opened.fd), opened.stat.size)
-            self._hashing[version] = job
-        shared = job
-
-        def cancel(d: Deferred[str]) -> None:
-            if d in shared.waiters:
-                shared.waiters.remove(d)
-
-        waiter: Deferred[str] = Deferred(cancel)
-        job.waiters.append(waiter)
-        if start:
-            self._run_job(version, job)
-        return waiter
-
-    def _run_job(self, version: str, job: _SharedHash) -> None:
-        def finish(result: str | Failure) -> None:
-            del self._hashing[version]
-            os.close(job.fd)
-            waiters, job.waiters = job.waiters, []
-            if isinstance(result, str):
-                self.digests.put(version, result)
-            for waiter in waiters:
-                if isinstance(result, str):
-                    waiter.callback(result)
-                else:
-                    waiter.errback(result)
-
-        def stepped(done: bool) -> None:
-            if done:
-                finish(job.hasher.hexdigest())
-            elif not job.waiters:
-                finish(Failure(OSError(0, "nobody waits for this hash")))
-            else:
-                self._run_blocking(job.step).addCallbacks(stepped, finish)
-
-        self._run_blocking(job.step).addCallbacks(stepped, finish)
+        return self._hashes.of_file(opened).addCallbacks(hashed, failed)
 
     # LIST and STATS
 

@@ -12,17 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IConsumer,
     IPullProducer,
     IPushProducer,
-    ISSLTransport,
 )
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from filecache.daemon.sockets import direct_socket
 
 SLICE = 64 * 1024
 """Bytes handed to a transport per write when we go through Twisted's buffer."""
@@ -60,62 +60,6 @@ class TransferResult:
     sent: int
     digest: str | None = None
     data: bytes | bytearray | None = None
-
-
-def direct_socket(transport: object) -> socket.socket | None:
-    """
-    The socket under C{transport} if we may write to it directly: a plain
-    TCP or UNIX stream connection, not TLS, whose Twisted buffer we can see
-    into.  Checked once per connection: if a Twisted release renames what
-    L{_buffer_empty} reads, this says C{None} and every byte goes through
-    C{transport.write}, slower but correct.
-    """
-    if (
-        isinstance(transport, tcp.Connection)
-        and not ISSLTransport.providedBy(transport)
-        and not getattr(transport, "TLS", False)
-        and _buffer_readable(transport)
-    ):
-        sock = getattr(transport, "socket", None)
-        if isinstance(sock, socket.socket):
-            return sock
-    return None
-
-
-def _buffer_readable(transport: object) -> bool:
-    # The private parts of Twisted's FileDescriptor that _buffer_empty reads.
-    return (
-        isinstance(getattr(transport, "_tempDataLen", None), int)
-        and isinstance(getattr(transport, "dataBuffer", None), (bytes, bytearray, memoryview))
-        and isinstance(getattr(transport, "offset", None), int)
-        and callable(getattr(transport, "startWriting", None))
-    )
-
-
-def _buffer_empty(transport: Any) -> bool:
-    # Twisted's FileDescriptor keeps unsent bytes in dataBuffer (from
-    # offset on) and _tempDataBuffer; both empty means nothing is queued.
-    empty: bool = transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
-    return empty
-
-
-def write_now(transport: Any, data: bytes, sock: socket.socket | None) -> None:
-    """
-    Write C{data} to C{transport}, straight to its socket C{sock} (from
-    L{direct_socket}, or C{None}) when nothing is queued before it: a reply
-    that fits in the socket buffer then costs one C{send} and no
-    write-readiness round trip through the reactor.
-    """
-    if sock is not None and _buffer_empty(transport):
-        try:
-            sent = sock.send(data)
-        except OSError:
-            # Would block, or the peer left: Twisted's own path handles both.
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 @implementer(IPullProducer)

@@ -1,0 +1,110 @@
+"""
+What the daemon asks of a connection's socket beneath Twisted: whether it
+may write to it directly, and how much the kernel still has to send.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+import termios
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IAddress, ISSLTransport
+
+
+def describe_peer(address: IAddress) -> str:
+    """C{host:port} of a TCP peer, or the address's own text for others."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    return name or type(address).__name__
+
+
+def unsent_bytes(sock: socket.socket | None) -> int | None:
+    """
+    The bytes still waiting in the kernel's send queue of C{sock}
+    (C{SIOCOUTQ}, Linux), or C{None} where that cannot be asked.  When it
+    shrinks, the peer is taking bytes, even while the socket is not yet
+    reported writable again.
+    """
+    if sock is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    value: int = struct.unpack("i", raw)[0]
+    return value
+
+
+def direct_socket(transport: object) -> socket.socket | None:
+    """
+    The socket under C{transport} if we may write to it directly: a plain
+    TCP or UNIX stream connection, not TLS, whose Twisted buffer we can see
+    into.  Checked once per connection: if a Twisted release renames what
+    L{_buffer_empty} reads, this says C{None} and every byte goes through
+    C{transport.write}, slower but correct.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and not ISSLTransport.providedBy(transport)
+        and not getattr(transport, "TLS", False)
+        and _buffer_readable(transport)
+    ):
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
+
+
+def _buffer_readable(transport: object) -> bool:
+    # The private parts of Twisted's FileDescriptor that _buffer_empty reads.
+    return (
+        isinstance(getattr(transport, "_tempDataLen", None), int)
+        and isinstance(getattr(transport, "dataBuffer", None), (bytes, bytearray, memoryview))
+        and isinstance(getattr(transport, "offset", None), int)
+        and callable(getattr(transport, "startWriting", None))
+    )
+
+
+def _buffer_empty(transport: Any) -> bool:
+    # Twisted's FileDescriptor keeps unsent bytes in dataBuffer (from
+    # offset on) and _tempDataBuffer; both empty means nothing is queued.
+    empty: bool = transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
+    return empty
+
+
+def write_now(transport: Any, data: bytes, sock: socket.socket | None) -> None:
+    """
+    Write C{data} to C{transport}, straight to its socket C{sock} (from
+    L{direct_socket}, or C{None}) when nothing is queued before it: a reply
+    that fits in the socket buffer then costs one C{send} and no
+    write-readiness round trip through the reactor.
+    """
+    if sock is not None and _buffer_empty(transport):
+        try:
+            sent = sock.send(data)
+        except OSError:
+            # Would block, or the peer left: Twisted's own path handles both.
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def plain_socket(transport: object) -> socket.socket | None:
+    """The socket under a TCP transport, TLS or not, if it has one."""
+    for candidate in (transport, getattr(transport, "transport", None)):
+        sock = getattr(candidate, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
