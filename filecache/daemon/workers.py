@@ -9,13 +9,15 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IListeningPort,
     IProtocolFactory,
     IReadDescriptor,
@@ -27,6 +29,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 _STAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} ")
+
+# A worker that dies sooner than this after its start will most likely die
+# the same way again (a bad install, a broken option), so each such death in
+# a row doubles the wait before the next start.  procmon's 1 s is too short
+# here: a worker's Python and Twisted take about a second just to start.
+HEALTHY_AFTER = 10.0
+# 1 s, 2 s, 4 s ... 60 s.  No jitter: the workers are our own local
+# processes, there is no crowd of clients to spread out.
+RESTART_DELAY = backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=2.0, jitter=lambda: 0.0)
 
 
 def address_family(port: IListeningPort) -> int:
@@ -109,9 +120,10 @@ class _Worker(ProcessProtocol):
 
     _log = Logger()
 
-    def __init__(self, pool: WorkerPool, number: int) -> None:
+    def __init__(self, pool: WorkerPool, number: int, started: float) -> None:
         self._pool = pool
         self.number = number
+        self.started = started
         self.ended: Deferred[None] = Deferred()
         self._partial = b""
 
@@ -140,11 +152,16 @@ class _Worker(ProcessProtocol):
 class WorkerPool(Service):
     """
     Listens on C{endpoint} itself, then keeps C{count} worker processes
-    serving the same socket (restarting any that dies), and stops them with
-    SIGTERM so each drains its own connections.
+    serving the same socket (restarting any that dies, later each time one
+    dies soon after its start), and stops them with SIGTERM so each drains
+    its own connections.
 
     @param worker_args: the plugin's arguments for a worker, to which
         C{--inherit-fd FD:FAMILY} is added.
+    @param restart_delay: the seconds to wait before starting a dead
+        worker's successor, given how many deaths of that worker number in
+        a row came less than C{healthy_after} seconds after a start, not
+        counting this one (0 if this one came later).
     """
 
     _log = Logger()
@@ -157,6 +174,8 @@ class WorkerPool(Service):
         count: int,
         worker_args: Sequence[str],
         stop_timeout: float,
+        restart_delay: Callable[[int], float] = RESTART_DELAY,
+        healthy_after: float = HEALTHY_AFTER,
     ) -> None:
         self._reactor = reactor
         self._endpoint = endpoint
@@ -164,8 +183,13 @@ class WorkerPool(Service):
         self._count = count
         self._worker_args = list(worker_args)
         self._stop_timeout = stop_timeout
+        self._restart_delay = restart_delay
+        self._healthy_after = healthy_after
         self._port: Any = None
         self._workers: dict[int, tuple[_Worker, Any]] = {}
+        # By worker number: deaths soon after the start, in a row; restarts due.
+        self._quick_deaths: dict[int, int] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
         self._stopping = False
 
     def startService(self) -> None:
@@ -199,7 +223,7 @@ class WorkerPool(Service):
             "--worker-index",
             str(number),
         ]
-        worker = _Worker(self, number)
+        worker = _Worker(self, number, self._reactor.seconds())
         process = self._reactor.spawnProcess(
             worker,
             sys.executable,
@@ -211,23 +235,35 @@ class WorkerPool(Service):
         self._log.info("started worker {number} (pid {pid})", number=number, pid=process.pid)
 
     def worker_ended(self, worker: _Worker, reason: Failure) -> None:
-        self._workers.pop(worker.number, None)
+        number = worker.number
+        self._workers.pop(number, None)
         if self._stopping:
             return
+        if self._reactor.seconds() - worker.started < self._healthy_after:
+            in_a_row = self._quick_deaths.get(number, 0)
+            self._quick_deaths[number] = in_a_row + 1
+        else:
+            in_a_row = self._quick_deaths[number] = 0
+        delay = self._restart_delay(in_a_row)
         self._log.warn(
-            "worker {number} ended unexpectedly ({why}); starting another",
-            number=worker.number,
+            "worker {number} ended unexpectedly ({why}); starting another in {delay:g} s",
+            number=number,
             why=reason.getErrorMessage(),
+            delay=delay,
         )
-        self._reactor.callLater(1, self._respawn, worker.number)
+        self._restarts[number] = self._reactor.callLater(delay, self._respawn, number)
 
     def _respawn(self, number: int) -> None:
+        self._restarts.pop(number, None)
         if not self._stopping and self._port is not None and number not in self._workers:
             self._spawn(number)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
         self._stopping = True
+        for call in self._restarts.values():
+            call.cancel()
+        self._restarts.clear()
         waits: list[Deferred[Any]] = []
         if self._port is not None:
             waits.append(self._port.stopListening() or succeed(None))
