@@ -312,6 +312,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         allow=config.allow,
     )
     listener: Service
+    # Not strports.service: it makes its endpoint from the string itself, so
+    # StartupEndpoint (one line and status 1 when the listen fails) cannot
+    # wrap it, and the workers' pool needs the endpoint anyway.
     endpoint = StartupEndpoint(serverFromString(reactor, config.port), config.port_text)
     if config.inherit_fd is not None:
         fd, family = config.inherit_fd
