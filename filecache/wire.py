@@ -20,7 +20,6 @@ BAD_REQUEST = "bad-request"
 TOO_LONG = "too-long"
 BUSY = "busy"
 UNAVAILABLE = "unavailable"
-ERROR_CODES = frozenset({NOT_FOUND, BAD_REQUEST, TOO_LONG, BUSY, UNAVAILABLE})
 
 _SAFE = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/"

@@ -201,7 +201,7 @@ def test_parse_request_only_raises_wire_error(line: bytes) -> None:
     try:
         parse_request(line)
     except WireError as e:
-        assert e.code in wire.ERROR_CODES
+        assert e.code in (wire.NOT_FOUND, wire.BAD_REQUEST, wire.TOO_LONG, wire.BUSY, wire.UNAVAILABLE)
         assert e.code == BAD_REQUEST
 
 
