@@ -284,6 +284,13 @@ class LoopbackServer:
         assert not self._thread.is_alive(), f"the {self._thread.name} thread did not stop"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on just now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> float:
     """Poll C{condition} until it is true; return the seconds it took."""
     start = time.monotonic()

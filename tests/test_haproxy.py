@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, run_client, stats, tool, wait_for
+from conftest import Daemon, free_port, run_client, stats, tool, wait_for
 
 MiB = 1024 * 1024
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
@@ -49,13 +49,6 @@ def haproxy_binary() -> str:
 def _which(name: str) -> str | None:
     # Debian puts haproxy in /usr/sbin, which a non-root PATH may lack.
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, RawClient, open_fds, run_client, tool
+from conftest import Daemon, RawClient, free_port, open_fds, run_client, tool
 
 
 def sha(data: bytes) -> str:
@@ -78,10 +78,7 @@ def test_help_documents_every_option() -> None:
 
 def test_bare_port_number_means_tcp(shared: Path, daemon_factory) -> None:
     """--port with a bare number listens on TCP (current Twisted refuses it unconverted)."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     write(shared, "a.txt", b"abc")
     daemon = daemon_factory(shared, port=str(port))
     assert daemon.port == port
@@ -93,10 +90,7 @@ def test_bare_port_number_means_tcp(shared: Path, daemon_factory) -> None:
 def test_twist_runs_the_plugin_too(shared: Path, tmp_path: Path) -> None:
     """`twist filecache ...` serves like twistd does."""
     write(shared, "a.txt", b"via twist")
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     process = subprocess.Popen(
         [tool("twist"), "filecache", "--port", f"tcp:{port}:interface=127.0.0.1", "--dir", str(shared)],
         stdout=subprocess.DEVNULL,
@@ -258,10 +252,7 @@ def test_existing_destination_not_overwritten_without_force(shared: Path, daemon
 
 def test_cannot_connect_exit_3(tmp_path: Path) -> None:
     """Nothing listening: exit 3 and a one-line message."""
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     result = run_client("127.0.0.1", str(port), "list")
     assert result.returncode == 3
     assert result.stderr.startswith("filecache-client: cannot connect")

@@ -11,13 +11,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import RawClient, tool
+from conftest import RawClient, free_port, tool, wait_for
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SERVICES = ("filecache.service", "filecache-activated.service")
@@ -179,23 +177,13 @@ def test_service_variants_agree() -> None:
     assert setting(activated, "Unit", "Requires") == ["filecache.socket"]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on just now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 15) -> bool:
+def log_shows(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 15) -> bool:
     """Whether C{text} shows up in C{log} before C{process} exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return True
-        if process.poll() is not None:
-            return text in log.read_text(errors="replace")
-        time.sleep(0.05)
-    return False
+    try:
+        wait_for(lambda: text in log.read_text(errors="replace") or process.poll() is not None, timeout, text)
+    except AssertionError:
+        return False
+    return text in log.read_text(errors="replace")
 
 
 def stop_group(process: subprocess.Popen[bytes]) -> None:
@@ -251,7 +239,7 @@ def test_socket_activation_end_to_end(tmp_path: Path) -> None:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, to stop it whole
             )
-        if wait_for(log, f"Listening on 127.0.0.1:{port}", process):
+        if log_shows(log, f"Listening on 127.0.0.1:{port}", process):
             break
         stop_group(process)  # the port was taken meanwhile: try another
     else:
