@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, run_client, tool
 
-from filecache.client.cli import Invocation, TqdmProgress, UsageError, build_parser, human_size
+from filecache.client.arguments import Invocation, build_parser
+from filecache.client.errors import UsageError
+from filecache.client.output import human_size
+from filecache.client.progress import TqdmProgress
 
 
 def parse(*argv: str) -> Invocation:

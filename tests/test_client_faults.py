@@ -27,13 +27,9 @@ from twisted.python.failure import Failure
 from typing_extensions import Self
 
 from filecache import wire
-from filecache.client.protocol import (
-    BrokenReply,
-    ConnectionLostEarly,
-    Download,
-    FileCacheClientProtocol,
-    ServerError,
-)
+from filecache.client.errors import BrokenReply, ConnectionLostEarly, ServerError
+from filecache.client.protocol import FileCacheClientProtocol
+from filecache.client.readers import Download
 
 BODY = bytes(range(100))
 VERSION = "2a-64-18ea3fdc92c71808"

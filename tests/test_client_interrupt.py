@@ -17,7 +17,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from filecache.client.download import Session, fetch
-from filecache.client.protocol import ConnectionLostEarly, FileCacheClientProtocol
+from filecache.client.errors import ConnectionLostEarly
+from filecache.client.protocol import FileCacheClientProtocol
 
 VERSION = b"2a-64-18ea3fdc92c71808"
 
@@ -127,6 +128,7 @@ def test_without_an_interrupt_the_same_fetch_is_retried(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)])
 def test_exit_status_of_a_signal(signum: int, status: int) -> None:
     """Interrupted by signal N exits 128 + N: 130 for SIGINT, 143 for SIGTERM."""
-    from filecache.client.cli import Interrupted, exit_status
+    from filecache.client.exits import exit_status
+    from filecache.client.interrupt import Interrupted
 
     assert exit_status(Interrupted(signum)) == status

@@ -15,15 +15,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from filecache import wire
-from filecache.client import protocol as client_module
-from filecache.client.protocol import (
-    MIN_PROGRESS,
-    BrokenReply,
-    ConnectionLostEarly,
-    Download,
-    FileCacheClientProtocol,
-    ServerError,
-)
+from filecache.client import readers
+from filecache.client.errors import BrokenReply, ConnectionLostEarly, ServerError
+from filecache.client.pace import MIN_PROGRESS
+from filecache.client.protocol import FileCacheClientProtocol
+from filecache.client.readers import Download
 
 VERSION = "2a-64-18ea3fdc92c71808"
 ROW_A = b"5 1700000000 C a%20b.txt\r\n"
@@ -147,7 +143,7 @@ def test_list_rows_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_list_bytes_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows adding up to more than MAX_LIST_BYTES: BrokenReply, whatever their count."""
-    monkeypatch.setattr(client_module, "MAX_LIST_BYTES", 3 * len(ROW_A) - 1)
+    monkeypatch.setattr(readers, "MAX_LIST_BYTES", 3 * len(ROW_A) - 1)
     proto, transport = connected()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\n" + ROW_A * 3)
@@ -161,7 +157,7 @@ def test_stats_count_is_capped() -> None:
     """A STATS status announcing more than MAX_STATS_ROWS rows is refused before any row."""
     proto, transport = connected()
     seen = outcome(proto.stats())
-    proto.dataReceived(b"OK %d\r\n" % (client_module.MAX_STATS_ROWS + 1,))
+    proto.dataReceived(b"OK %d\r\n" % (readers.MAX_STATS_ROWS + 1,))
     assert transport.disconnecting
     lost(proto)
     assert isinstance(seen[0].value, BrokenReply)
