@@ -1,22 +1,27 @@
 """
 FileCacheClientProtocol in memory against replies a daemon should not send:
 the LIST framing (OK, rows, END <n>, or ERR part-way), the caps on LIST and
-STATS replies, and the pace --timeout demands of a reply once it has begun.
+STATS replies, the pace --timeout demands of a reply once it has begun, and
+the client's reading of reply lines (reply_lines), malformed ones included.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from filecache import wire
-from filecache.client import readers
-from filecache.client.errors import BrokenReply, ConnectionLostEarly, ServerError
+from filecache.client import readers, reply_lines
+from filecache.client.errors import BrokenReply, ConnectionLostEarly, MalformedReply, ServerError
+from filecache.client.exits import EXIT_INTEGRITY, describe, exit_status
 from filecache.client.pace import MIN_PROGRESS
 from filecache.client.protocol import FileCacheClientProtocol
 from filecache.client.readers import Download
@@ -265,3 +270,113 @@ def test_no_pace_rule_without_a_timeout() -> None:
     assert clock.getDelayedCalls() == []
     clock.advance(3600)
     assert not transport.disconnecting
+
+
+# Reading reply lines
+
+DIGEST = "ab" * 32
+VERSIONS = [b"2a-64-18ea", b"2A", b"7", b"a--b"]
+DIGESTS = [DIGEST.encode(), DIGEST.upper().encode(), DIGEST[:-1].encode()]
+NUMBERS = [b"12", b"0", b"-5", b"1e3"]
+ENDINGS = [b"", b"\r", b"\r\r", b" ", b" \r", b"\t"]
+
+
+def line_of(*positions: list[bytes]) -> st.SearchStrategy[bytes]:
+    """
+    A line of words, each drawn from its position's choices (the first
+    ones well-formed), cut short or given an extra word now and then, with
+    one of several endings.
+    """
+    return st.tuples(
+        st.tuples(*(st.one_of(st.just(c[0]), st.sampled_from(c)) for c in positions)),
+        st.one_of(st.just(len(positions)), st.integers(0, len(positions) + 1)),
+        st.one_of(st.just(b"\r"), st.sampled_from(ENDINGS)),
+    ).map(lambda t: b" ".join((*t[0], b"x")[: t[1]]) + t[2])
+
+
+reply_line = st.one_of(
+    st.binary(max_size=60),
+    line_of([b"OK", b"ok", b"OK1"], NUMBERS, VERSIONS, DIGESTS),
+    line_of([b"ERR"], [b"not-found", b"", b"\xff"], [b"no such file", b"x\ry", b""]),
+    line_of([b"END"], DIGESTS + NUMBERS),
+    line_of(NUMBERS, NUMBERS, [b"C", b"-", b"c"], [b"a%20b", b"s/c", b"%zz", b"%ff", b"\xff"]),
+    line_of([b"hits", b"version", b""], [b"7", b"-3", b"1.2.3", b"\x7f", b""]),
+)
+
+# Each pair: the client's reader, and the same form read by the shared one.
+PAIRS: list[tuple[Callable[[bytes], object], Callable[[bytes], object]]] = [
+    (reply_lines.parse_status, wire.parse_status),
+    (
+        lambda line: reply_lines.parse_count(reply_lines.parse_status(line)),
+        lambda line: wire.parse_count(wire.parse_status(line)),
+    ),
+    (
+        lambda line: reply_lines.parse_get_status(reply_lines.parse_status(line)),
+        lambda line: wire.parse_get_status(wire.parse_status(line)),
+    ),
+    (
+        lambda line: reply_lines.parse_hash_status(reply_lines.parse_status(line)),
+        lambda line: wire.parse_hash_status(wire.parse_status(line)),
+    ),
+    (reply_lines.parse_end, wire.parse_end),
+    (reply_lines.parse_list_row, wire.parse_list_row),
+    (reply_lines.parse_list_end, wire.parse_list_end),
+    (reply_lines.parse_stats_row, wire.parse_stats_row),
+]
+
+
+def read(parse: Callable[[bytes], object], line: bytes) -> tuple[str, object]:
+    """What C{parse} makes of C{line}: its value, or the message of the error it raised."""
+    try:
+        return "value", parse(line)
+    except MalformedReply as e:
+        return "malformed", str(e)
+    except wire.WireError as e:
+        return "malformed", f"malformed reply from server: {e.message}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(reply_line)
+def test_the_client_reads_reply_lines_as_the_shared_grammar_does(line: bytes) -> None:
+    """
+    On any line, each of the client's readers gives the value wire's
+    reader of that form gives, or fails with the same message: only as a
+    MalformedReply, never as a WireError carrying a server error code.
+    """
+    for ours, shared in PAIRS:
+        assert read(ours, line) == read(shared, line)
+        try:
+            ours(line)
+        except MalformedReply:
+            pass
+
+
+def test_a_malformed_status_line_fails_the_request_with_malformed_reply() -> None:
+    """
+    A status line that is neither OK nor ERR: the request fails with
+    MalformedReply (a BrokenReply: exit 4, said as an integrity failure),
+    and the connection is dropped.
+    """
+    proto, transport = connected()
+    seen = outcome(proto.get("f.bin", Sink()))
+    proto.dataReceived(b"HELLO there\r\n")
+    assert transport.disconnecting
+    lost(proto)
+    error = seen[0].value
+    assert isinstance(error, MalformedReply) and isinstance(error, BrokenReply)
+    assert str(error) == "malformed reply from server: malformed status line from server"
+    assert exit_status(error) == EXIT_INTEGRITY == 4
+    assert describe(error) == (
+        "integrity check failed: malformed reply from server: malformed status line from server"
+    )
+
+
+def test_a_bad_escape_in_a_list_row_is_a_malformed_reply() -> None:
+    """A LIST row whose path has a broken %-escape fails the LIST with MalformedReply, not a WireError."""
+    proto, transport = connected()
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK\r\n5 1700000000 C a%zz\r\n")
+    assert transport.disconnecting
+    lost(proto)
+    assert isinstance(seen[0].value, MalformedReply)
+    assert str(seen[0].value) == "malformed reply from server: malformed percent escape"

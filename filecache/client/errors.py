@@ -19,6 +19,13 @@ class BrokenReply(Exception):
     """The server broke the protocol: a malformed line, a wrong size or digest."""
 
 
+class MalformedReply(BrokenReply):
+    """A reply line that breaks the wire format (docs/protocol.md)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"malformed reply from server: {what}")
+
+
 class ConnectionLostEarly(Exception):
     """The connection ended, or stalled past the timeout, before the reply was whole."""
 

@@ -161,8 +161,6 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
             self._reply_done()
             op.deferred.errback(Failure(e))
             return
-        except wire.WireError as e:
-            return self._fail(BrokenReply(f"malformed reply from server: {e.message}"))
         except Exception as e:  # noqa: BLE001 - any other error breaks the connection
             return self._fail(e)
         if step is Next.BODY:

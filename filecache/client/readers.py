@@ -15,6 +15,16 @@ from twisted.internet.defer import Deferred
 
 from filecache import wire
 from filecache.client.errors import BrokenReply, ServerError
+from filecache.client.reply_lines import (
+    parse_count,
+    parse_end,
+    parse_get_status,
+    parse_hash_status,
+    parse_list_end,
+    parse_list_row,
+    parse_stats_row,
+    parse_status,
+)
 
 
 class BodySink(Protocol):
@@ -84,7 +94,7 @@ class ReplyReader:
 
 def ok(line: bytes) -> wire.Status:
     """The status line of a reply: its fields if OK, else L{ServerError}."""
-    status = wire.parse_status(line)
+    status = parse_status(line)
     if not status.ok:
         raise ServerError(status.code, status.message)
     return status
@@ -109,7 +119,7 @@ class ListReader(ReplyReader):
                 raise BrokenReply("malformed LIST status line (expected OK alone)")
             self._started = True
             return Next.LINE
-        count = wire.parse_list_end(line)
+        count = parse_list_end(line)
         if count is not None:
             if count != len(self._rows):
                 raise BrokenReply(
@@ -127,7 +137,7 @@ class ListReader(ReplyReader):
             raise BrokenReply(
                 f"the LIST reply holds more than {MAX_LIST_BYTES // (1024 * 1024)} MiB of rows"
             )
-        self._rows.append(wire.parse_list_row(line))
+        self._rows.append(parse_list_row(line))
         return Next.LINE
 
 
@@ -141,11 +151,11 @@ class StatsReader(ReplyReader):
 
     def line(self, line: bytes, size: int) -> Next:
         if self._expected is None:
-            self._expected = wire.parse_count(ok(line))
+            self._expected = parse_count(ok(line))
             if self._expected > MAX_STATS_ROWS:
                 raise BrokenReply(f"the STATS reply announces more than {MAX_STATS_ROWS:,} rows")
         else:
-            self._rows.append(wire.parse_stats_row(line))
+            self._rows.append(parse_stats_row(line))
         if len(self._rows) == self._expected:
             self.deferred.callback(self._rows)
             return Next.DONE
@@ -156,7 +166,7 @@ class HashReader(ReplyReader):
     """HASH: one status line."""
 
     def line(self, line: bytes, size: int) -> Next:
-        self.deferred.callback(FileHash(*wire.parse_hash_status(ok(line))))
+        self.deferred.callback(FileHash(*parse_hash_status(ok(line))))
         return Next.DONE
 
 
@@ -173,11 +183,11 @@ class GetReader(ReplyReader):
 
     def line(self, line: bytes, size: int) -> Next:
         if self._size < 0:
-            self._size, self._version = wire.parse_get_status(ok(line))
+            self._size, self._version = parse_get_status(ok(line))
             self._left = self._size
             self._sink.begin(self._size, self._version)
             return Next.BODY if self._left else Next.LINE
-        digest = wire.parse_end(line)
+        digest = parse_end(line)
         if digest != self._hash.hexdigest():
             raise BrokenReply("SHA-256 of the bytes received does not match the server's END line")
         self.deferred.callback(Download(self._size, self._version, digest))
