@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import pytest
 from typing_extensions import Self
@@ -139,8 +140,14 @@ def shared(tmp_path: Path) -> Path:
     return folder
 
 
+class DaemonFactory(Protocol):
+    """The C{daemon_factory} fixture: start a daemon serving C{folder} with C{extra} options."""
+
+    def __call__(self, folder: Path, *extra: str, port: str = ...) -> Daemon: ...
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[object]:
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     """Start daemons with C{factory(folder, *args)}; all are stopped after the test."""
     started: list[Daemon] = []
 
@@ -157,9 +164,9 @@ def daemon_factory(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def daemon(shared: Path, daemon_factory: object) -> Daemon:
+def daemon(shared: Path, daemon_factory: DaemonFactory) -> Daemon:
     """A daemon serving C{shared} with default options."""
-    return daemon_factory(shared)  # type: ignore[operator, no-any-return]
+    return daemon_factory(shared)
 
 
 class RawClient:
@@ -219,7 +226,7 @@ class RawClient:
         self.send(request + b"\r\n")
         status = self.line()
         if status == b"OK\r\n":
-            rows = []
+            rows: list[bytes] = []
             while True:
                 line = self.line()
                 if line.startswith(b"END "):

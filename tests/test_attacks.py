@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, RawClient, stats, wait_for
+from conftest import Daemon, DaemonFactory, RawClient, stats, wait_for
 
 MiB = 1 << 20
 
@@ -57,7 +57,7 @@ def exchange(a: Path, b: Path) -> None:
 
 
 def test_list_never_names_files_outside_during_a_symlink_swap(
-    tmp_path: Path, shared: Path, daemon_factory: object
+    tmp_path: Path, shared: Path, daemon_factory: DaemonFactory
 ) -> None:
     """
     A sub-folder swapped with a symlink to a folder outside the share, in a
@@ -75,7 +75,7 @@ def test_list_never_names_files_outside_during_a_symlink_swap(
     for n in range(20):
         (sub / f"public-{n}.txt").write_bytes(b"public")
     (shared / "swap").symlink_to(outside)
-    daemon: Daemon = daemon_factory(shared)  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(shared)
 
     stop = threading.Event()
     swaps = [0]
@@ -160,7 +160,7 @@ def _get_while_rewritten(port: int, size: int, gets: int, seconds: float) -> tup
 
 
 def test_a_small_file_rewritten_in_place_is_never_served_torn(
-    shared: Path, daemon_factory: object
+    shared: Path, daemon_factory: DaemonFactory
 ) -> None:
     """
     A 64 KiB file rewritten by one pwrite per version while 20 clients GET
@@ -172,7 +172,7 @@ def test_a_small_file_rewritten_in_place_is_never_served_torn(
     size = 64 * 1024
     path = shared / "hot.bin"
     path.write_bytes(b"A" * size)
-    daemon: Daemon = daemon_factory(shared)  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(shared)
     writer = _rewriter(path, burst=200, pause=0.0005)
     try:
         churn = _get_while_rewritten(daemon.port, size, 6000, 12)
@@ -193,7 +193,7 @@ def test_a_small_file_rewritten_in_place_is_never_served_torn(
 # Item 3: mtime put back.
 
 
-def test_rewrite_with_mtime_put_back_is_served_fresh(shared: Path, daemon_factory: object) -> None:
+def test_rewrite_with_mtime_put_back_is_served_fresh(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     A file rewritten at the same size with its mtime restored (as cp -p,
     rsync -t and touch -r do) gets a new version token: GET returns the new
@@ -204,7 +204,7 @@ def test_rewrite_with_mtime_put_back_is_served_fresh(shared: Path, daemon_factor
     small.write_bytes(b"old settings\n")
     large = shared / "big.bin"
     large.write_bytes(os.urandom(2 * MiB))
-    daemon: Daemon = daemon_factory(shared, "--cache-size", "1M")  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(shared, "--cache-size", "1M")
     client = RawClient(daemon.port)
     try:
         for path in (small, large):
@@ -231,7 +231,7 @@ def test_rewrite_with_mtime_put_back_is_served_fresh(shared: Path, daemon_factor
 # Item 4: a fill with the cache full.
 
 
-def test_a_cache_fill_stays_within_budget_plus_overhead(shared: Path, daemon_factory: object) -> None:
+def test_a_cache_fill_stays_within_budget_plus_overhead(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     With the cache full of a 60 MiB file, a GET of another 60 MiB file keeps
     the daemon's peak RSS within the 64 MiB budget plus the stated 60 MiB
@@ -240,7 +240,7 @@ def test_a_cache_fill_stays_within_budget_plus_overhead(shared: Path, daemon_fac
     """
     for name in ("one.bin", "two.bin"):
         (shared / name).write_bytes(os.urandom(60 * MiB))
-    daemon: Daemon = daemon_factory(shared, "--cache-size", "64M")  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(shared, "--cache-size", "64M")
     client = RawClient(daemon.port, timeout=30)
     try:
         _, body, _ = client.get(b"one.bin")
@@ -263,7 +263,7 @@ def test_a_cache_fill_stays_within_budget_plus_overhead(shared: Path, daemon_fac
 # Item 5: what an entry costs.
 
 
-def test_many_tiny_files_cost_the_budget_their_overhead(shared: Path, daemon_factory: object) -> None:
+def test_many_tiny_files_cost_the_budget_their_overhead(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     --cache-size 64K and 65,536 one-byte files all fetched: the cache holds
     about 63 entries (each charged 1 KiB of overhead) and the daemon grows
@@ -272,7 +272,7 @@ def test_many_tiny_files_cost_the_budget_their_overhead(shared: Path, daemon_fac
     count = 65_536
     for n in range(count):
         (shared / f"f{n:05d}").write_bytes(b"x")
-    daemon: Daemon = daemon_factory(shared, "--cache-size", "64K", "--no-access-log")  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(shared, "--cache-size", "64K", "--no-access-log")
     client = RawClient(daemon.port, timeout=60)
     before = rss_kib(daemon.pid)
     try:
@@ -291,11 +291,11 @@ def test_many_tiny_files_cost_the_budget_their_overhead(shared: Path, daemon_fac
     assert grown < 8 * 1024, f"+{grown} KiB for a 64 KiB cache"
 
 
-def test_zero_budget_caches_not_even_empty_files(shared: Path, daemon_factory: object) -> None:
+def test_zero_budget_caches_not_even_empty_files(shared: Path, daemon_factory: DaemonFactory) -> None:
     """--cache-size 0 with empty files: STATS shows no entry at all (item 5)."""
     for n in range(200):
         (shared / f"e{n}").write_bytes(b"")
-    daemon: Daemon = daemon_factory(shared, "--cache-size", "0")  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(shared, "--cache-size", "0")
     client = RawClient(daemon.port)
     try:
         client.send(b"".join(b"GET e%d\r\n" % n for n in range(200)))
@@ -337,7 +337,7 @@ def unread_lists(port: int, count: int) -> list[socket.socket]:
 
 @pytest.mark.parametrize("count", [12, 1000])
 def test_unread_lists_cost_little_memory(
-    big_folder: Path, daemon_factory: object, count: int
+    big_folder: Path, daemon_factory: DaemonFactory, count: int
 ) -> None:
     """
     C{count} clients send LIST of a 200,000-file folder and never read: the
@@ -345,7 +345,7 @@ def test_unread_lists_cost_little_memory(
     connection (item 6: the old daemon buffered about 13 MiB per LIST).  A
     client that does read gets the whole listing meanwhile.
     """
-    daemon: Daemon = daemon_factory(  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(
         big_folder, "--max-per-ip", "2000", "--max-connections", "2000", "--no-access-log"
     )
     before = rss_kib(daemon.pid)
@@ -379,7 +379,7 @@ def test_unread_lists_cost_little_memory(
 
 
 def test_lists_of_clients_who_left_do_not_delay_others(
-    big_folder: Path, daemon_factory: object
+    big_folder: Path, daemon_factory: DaemonFactory
 ) -> None:
     """
     15 clients send LIST of the 200,000-file folder and hang up at once;
@@ -388,7 +388,7 @@ def test_lists_of_clients_who_left_do_not_delay_others(
     """
     (big_folder / "h.bin").write_bytes(os.urandom(MiB))
     try:
-        daemon: Daemon = daemon_factory(big_folder, "--no-access-log")  # type: ignore[operator]
+        daemon: Daemon = daemon_factory(big_folder, "--no-access-log")
         for _ in range(15):
             with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
                 sock.sendall(b"LIST\r\n")
@@ -424,7 +424,7 @@ def link_fan(shared: Path) -> Path:
 
 
 def test_a_fan_of_folder_links_is_listed_once_and_sigterm_is_prompt(
-    link_fan: Path, daemon_factory: object
+    link_fan: Path, daemon_factory: DaemonFactory
 ) -> None:
     """
     The fan of folder symlinks: LIST answers at once with each real file
@@ -432,7 +432,7 @@ def test_a_fan_of_folder_links_is_listed_once_and_sigterm_is_prompt(
     HASH back, and SIGTERM exits 0 within --drain-timeout (item 7: the old
     walk never ended and SIGTERM hung until SIGKILL).
     """
-    daemon: Daemon = daemon_factory(link_fan, "--drain-timeout", "3")  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(link_fan, "--drain-timeout", "3")
     clients = [RawClient(daemon.port, timeout=20) for _ in range(5)]
     try:
         for client in clients[:4]:
@@ -447,16 +447,16 @@ def test_a_fan_of_folder_links_is_listed_once_and_sigterm_is_prompt(
         for client in clients[:4]:
             client.send(b"LIST\r\n")
         started = time.monotonic()
-        status = daemon.stop(signal.SIGTERM, timeout=10)
+        exit_status = daemon.stop(signal.SIGTERM, timeout=10)
         took = time.monotonic() - started
     finally:
         for client in clients:
             client.close()
-    assert status == 0
+    assert exit_status == 0
     assert took < 3 + 2
 
 
-def test_a_walk_deeper_than_its_bound_ends_with_an_error(shared: Path, daemon_factory: object) -> None:
+def test_a_walk_deeper_than_its_bound_ends_with_an_error(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     Folders nested 70 deep: LIST ends with `ERR unavailable` in place of END
     (the walk's depth bound is 64), and the connection goes on serving.
@@ -467,7 +467,7 @@ def test_a_walk_deeper_than_its_bound_ends_with_an_error(shared: Path, daemon_fa
     deep.mkdir(parents=True)
     (deep / "bottom.txt").write_bytes(b"deep")
     (shared / "top.txt").write_bytes(b"top")
-    daemon: Daemon = daemon_factory(shared)  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(shared)
     client = RawClient(daemon.port)
     try:
         status, _rows = client.rows(b"LIST")
@@ -481,12 +481,12 @@ def test_a_walk_deeper_than_its_bound_ends_with_an_error(shared: Path, daemon_fa
 # Item 10: the access log.
 
 
-def test_control_bytes_never_reach_the_log(shared: Path, daemon_factory: object) -> None:
+def test_control_bytes_never_reach_the_log(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     A request line carrying ESC, CR and a fake log line is logged escaped:
     no raw control byte reaches the log file (item 10).
     """
-    daemon: Daemon = daemon_factory(shared)  # type: ignore[operator]
+    daemon: Daemon = daemon_factory(shared)
     forged = b"GET \x1b[1A\x1b[2K\r2026-12-01T00:00:00+0000 [filecache] 10.0.0.1 GET secret OK\r\n"
     client = RawClient(daemon.port)
     try:

@@ -12,11 +12,10 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, RawClient, stats, wait_for
+from conftest import Daemon, DaemonFactory, RawClient, stats, wait_for
 
 MIB = 1 << 20
 
@@ -27,7 +26,6 @@ MAPPED_LISTENER = r"tcp6:0:interface=\:\:ffff\:127.0.0.1"
 # Linux's tcp_states.h: the first byte of struct tcp_info.
 TCP_ESTABLISHED = 1
 
-DaemonFactory = Callable[..., Daemon]
 
 
 def write_random(path: Path, size: int) -> str:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 from conftest import LoopbackServer, tool
@@ -106,8 +107,8 @@ def run(
     )
     result: dict[str, bytes] = {}
 
-    def read(name: str, stream: object) -> None:
-        result[name] = stream.read()  # type: ignore[attr-defined]
+    def read(name: str, stream: IO[bytes]) -> None:
+        result[name] = stream.read()
 
     readers = [
         threading.Thread(target=read, args=("out", process.stdout)),

@@ -13,14 +13,14 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import RawClient
+from conftest import DaemonFactory, RawClient
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from filecache.daemon.cache import FifoCache
 from filecache.daemon.folder import SharedFolder
-from filecache.daemon.native import FileCacheFactory
+from filecache.daemon.native import FileCacheFactory, FileCacheProtocol
 from filecache.daemon.responder import Responder
 
 MiB = 1024 * 1024
@@ -46,7 +46,7 @@ def slow_get(port: int, name: bytes, rate: int, result: dict[str, object]) -> No
     result["data"] = bytes(data)
 
 
-def test_sigterm_lets_a_slow_download_finish(shared: Path, daemon_factory) -> None:
+def test_sigterm_lets_a_slow_download_finish(shared: Path, daemon_factory: DaemonFactory) -> None:
     """SIGTERM mid-download: new connections are refused, the download completes intact, exit status 0."""
     content = os.urandom(48 * MiB)
     (shared / "big.bin").write_bytes(content)
@@ -78,7 +78,7 @@ def test_sigterm_lets_a_slow_download_finish(shared: Path, daemon_factory) -> No
     assert "Traceback" not in log
 
 
-def test_drain_timeout_aborts_what_is_left(shared: Path, daemon_factory) -> None:
+def test_drain_timeout_aborts_what_is_left(shared: Path, daemon_factory: DaemonFactory) -> None:
     """A reply still unfinished at --drain-timeout is aborted and the daemon exits 0 on time."""
     (shared / "big.bin").write_bytes(os.urandom(64 * MiB + 1))
     daemon = daemon_factory(shared, "--drain-timeout", "1")
@@ -101,18 +101,22 @@ def test_drain_in_memory(tmp_path: Path) -> None:
     """drain(): idle connections close at once; the Deferred fires when the last one is gone."""
     clock = Clock()
     factory = FileCacheFactory(Responder(SharedFolder(str(tmp_path)), FifoCache(1024)), clock=clock)
-    protocols = []
+    protocols: list[tuple[FileCacheProtocol, StringTransport]] = []
     for port in (1, 2):
         proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        assert isinstance(proto, FileCacheProtocol)
         transport = StringTransport()
-        transport.protocol = proto
+        # StringTransport declares no protocol attribute; real transports have one.
+        transport.protocol = proto  # type: ignore[attr-defined]
         proto.makeConnection(transport)
         protocols.append((proto, transport))
-    fired = []
+    fired: list[None] = []
     factory.drain(5).addCallback(fired.append)
     assert all(t.disconnecting for _, t in protocols)
     assert fired == []
     for proto, _transport in protocols:
-        proto.connectionLost(None)
+        # FileCacheProtocol.connectionLost defaults its reason to None, but
+        # declares it a Failure, as Protocol does.
+        proto.connectionLost(None)  # type: ignore[arg-type]
     assert fired == [None]
     assert clock.getDelayedCalls() == []

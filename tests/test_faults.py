@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, RawClient, open_fds, stats, tool, wait_for
+from conftest import Daemon, DaemonFactory, RawClient, open_fds, stats, tool, wait_for
 
 MiB = 1024 * 1024
 
@@ -115,7 +115,7 @@ def stalled_client_download(
 
 
 @pytest.mark.parametrize("change", ["truncate", "replace", "delete", "rewrite"])
-def test_file_changed_while_streaming(shared: Path, daemon_factory, tmp_path: Path, change: str) -> None:
+def test_file_changed_while_streaming(shared: Path, daemon_factory: DaemonFactory, tmp_path: Path, change: str) -> None:
     """A file truncated, replaced, deleted or rewritten mid-transfer: no END, client exit 3/4, nothing under the final name, not cached."""
     daemon = daemon_factory(shared, "--cache-size", "64M")
     data = os.urandom(48 * MiB)
@@ -170,7 +170,9 @@ def test_unreadable_file_is_unavailable_and_connection_stays(tmp_path: Path) -> 
         daemon = Daemon(process, log)
         try:
             wait_for(lambda: log.exists() and _PORT_LINE.search(log.read_bytes()), 20, "the daemon")
-            daemon.port = int(_PORT_LINE.search(log.read_bytes()).group(1))  # type: ignore[union-attr]
+            listening = _PORT_LINE.search(log.read_bytes())
+            assert listening is not None
+            daemon.port = int(listening.group(1))
             client = RawClient(daemon.port)
             status = client.get(b"locked.txt")[0]
             assert status.startswith(b"ERR unavailable ")
@@ -204,7 +206,7 @@ def test_server_killed_mid_download(shared: Path, daemon: Daemon, tmp_path: Path
 # Floods, limits, timeouts
 
 
-def test_flood_of_idle_and_slow_connections(shared: Path, daemon_factory) -> None:
+def test_flood_of_idle_and_slow_connections(shared: Path, daemon_factory: DaemonFactory) -> None:
     """2,000 silent and 500 byte-a-second connections: others keep normal latency; all are closed on time."""
     (shared / "small.txt").write_bytes(b"s" * 4096)
     timeout = 4
@@ -260,15 +262,16 @@ def test_flood_of_idle_and_slow_connections(shared: Path, daemon_factory) -> Non
         while open_ and time.monotonic() < deadline:
             for key, _ in sel.select(0.2):
                 sock = key.fileobj
+                assert isinstance(sock, socket.socket)
                 try:
-                    data = sock.recv(4096)  # type: ignore[union-attr]
+                    data = sock.recv(4096)
                 except ConnectionResetError:
                     data = b""
                 except BlockingIOError:
                     continue
                 if data == b"":
                     sel.unregister(sock)
-                    open_.discard(sock)  # type: ignore[arg-type]
+                    open_.discard(sock)
         elapsed = time.monotonic() - started
         print(f"flood connections closed after {elapsed:.1f} s (idle timeout {timeout} s)")
         assert not open_, f"{len(open_)} flood connections still open after {elapsed:.1f} s"
@@ -281,7 +284,7 @@ def test_flood_of_idle_and_slow_connections(shared: Path, daemon_factory) -> Non
     wait_for(lambda: stats(daemon.port)["connections_active"] == 1, 10, "the server to drop them")
 
 
-def test_stalled_reader_is_aborted(shared: Path, daemon_factory) -> None:
+def test_stalled_reader_is_aborted(shared: Path, daemon_factory: DaemonFactory) -> None:
     """A client that asks for a big file and never reads is aborted after the idle timeout."""
     (shared / "big.bin").write_bytes(os.urandom(100 * MiB))
     daemon = daemon_factory(shared, "--idle-timeout", "1")
@@ -294,7 +297,7 @@ def test_stalled_reader_is_aborted(shared: Path, daemon_factory) -> None:
     assert "reply not read for 1.0 s; closing" in daemon.log_text()
 
 
-def test_idle_connection_closed(shared: Path, daemon_factory) -> None:
+def test_idle_connection_closed(shared: Path, daemon_factory: DaemonFactory) -> None:
     """A connection that sends nothing is closed after --idle-timeout; one that works is not."""
     (shared / "a.txt").write_bytes(b"a")
     daemon = daemon_factory(shared, "--idle-timeout", "1")
@@ -309,7 +312,7 @@ def test_idle_connection_closed(shared: Path, daemon_factory) -> None:
     assert busy.get(b"a.txt")[1] == b"a"
 
 
-def test_connection_limits(shared: Path, daemon_factory) -> None:
+def test_connection_limits(shared: Path, daemon_factory: DaemonFactory) -> None:
     """Past --max-connections or --max-per-ip: ERR busy and closed; the others are undisturbed."""
     (shared / "a.txt").write_bytes(b"a")
     daemon = daemon_factory(shared, "--max-connections", "5", "--max-per-ip", "3")
@@ -340,7 +343,7 @@ def stats_or_busy(port: int) -> bool:
     return ok
 
 
-def test_allow_list(shared: Path, daemon_factory) -> None:
+def test_allow_list(shared: Path, daemon_factory: DaemonFactory) -> None:
     """--allow: other addresses are closed before a byte is read, and logged once each."""
     (shared / "a.txt").write_bytes(b"a")
     daemon = daemon_factory(shared, "--allow", "127.0.0.2/32,10.0.0.0/8")
@@ -355,7 +358,7 @@ def test_allow_list(shared: Path, daemon_factory) -> None:
     assert daemon.log_text().count("refused connection from 127.0.0.1: not in --allow") == 1
 
 
-def test_pipelining_without_reading_costs_bounded_memory(shared: Path, daemon_factory) -> None:
+def test_pipelining_without_reading_costs_bounded_memory(shared: Path, daemon_factory: DaemonFactory) -> None:
     """A million pipelined GETs never read: the daemon stops reading and its memory stays flat."""
     (shared / "small.txt").write_bytes(b"x" * 4096)
     daemon = daemon_factory(shared, "--no-access-log", "--idle-timeout", "30")
@@ -399,7 +402,9 @@ def test_out_of_descriptors(shared: Path, tmp_path: Path) -> None:
     daemon = Daemon(process, log)
     try:
         wait_for(lambda: log.exists() and _PORT_LINE.search(log.read_bytes()), 20, "the daemon")
-        daemon.port = int(_PORT_LINE.search(log.read_bytes()).group(1))  # type: ignore[union-attr]
+        listening = _PORT_LINE.search(log.read_bytes())
+        assert listening is not None
+        daemon.port = int(listening.group(1))
         first = RawClient(daemon.port)
         assert first.get(b"a.txt")[1] == b"a" * 100
         hogs = []
@@ -425,7 +430,7 @@ def test_out_of_descriptors(shared: Path, tmp_path: Path) -> None:
         daemon.stop()
 
 
-def test_burst_of_connects_waits_in_the_backlog(shared: Path, daemon_factory) -> None:
+def test_burst_of_connects_waits_in_the_backlog(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     400 connects at once while the daemon is not accepting (SIGSTOP) all
     complete their handshake in the kernel's backlog (1024, not Twisted's
@@ -444,12 +449,13 @@ def test_burst_of_connects_waits_in_the_backlog(shared: Path, daemon_factory) ->
         sel = selectors.DefaultSelector()
         for s in sockets:
             sel.register(s, selectors.EVENT_WRITE)
-        connected = set()
+        connected: set[socket.socket] = set()
         deadline = time.monotonic() + 2
         while len(connected) < len(sockets) and time.monotonic() < deadline:
             for key, _ in sel.select(0.1):
                 sock = key.fileobj
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:  # type: ignore[union-attr]
+                assert isinstance(sock, socket.socket)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
                     connected.add(sock)
                 sel.unregister(sock)
         sel.close()

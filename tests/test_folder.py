@@ -48,7 +48,7 @@ def write(root: Path, relative: str, data: bytes = b"data") -> Path:
 
 def read_all(opened: OpenedFile) -> bytes:
     """Everything readable from the opened file's descriptor, from the start."""
-    chunks = []
+    chunks: list[bytes] = []
     offset = 0
     while True:
         chunk = os.pread(opened.fd, 65536, offset)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, free_port, run_client, stats, tool, wait_for
+from conftest import Daemon, DaemonFactory, free_port, run_client, stats, tool, wait_for
 
 MiB = 1024 * 1024
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
@@ -26,7 +26,6 @@ CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 # connection comes from HAProxy's one address.
 DAEMON_ARGS = ("--max-per-ip", "1024")
 
-DaemonFactory = Callable[..., Daemon]
 
 
 def haproxy_binary() -> str:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, RawClient, free_port, open_fds, run_client, tool
+from conftest import Daemon, DaemonFactory, RawClient, free_port, open_fds, run_client, tool
 
 
 def sha(data: bytes) -> str:
@@ -76,7 +76,7 @@ def test_help_documents_every_option() -> None:
         assert option in result.stdout
 
 
-def test_bare_port_number_means_tcp(shared: Path, daemon_factory) -> None:
+def test_bare_port_number_means_tcp(shared: Path, daemon_factory: DaemonFactory) -> None:
     """--port with a bare number listens on TCP (current Twisted refuses it unconverted)."""
     port = free_port()
     write(shared, "a.txt", b"abc")
@@ -112,7 +112,7 @@ def test_twist_runs_the_plugin_too(shared: Path, tmp_path: Path) -> None:
         process.wait(15)
 
 
-def test_unix_socket_endpoint(shared: Path, tmp_path: Path, daemon_factory) -> None:
+def test_unix_socket_endpoint(shared: Path, tmp_path: Path, daemon_factory: DaemonFactory) -> None:
     """--port unix:PATH serves over a UNIX socket, streamed bodies included."""
     data = os.urandom(3 * 1024 * 1024)
     write(shared, "big.bin", data)
@@ -459,7 +459,7 @@ def test_quit_closes(daemon: Daemon, raw: RawClient) -> None:
     assert raw.buffer == b""
 
 
-def test_access_log_lines_and_switch(shared: Path, daemon_factory) -> None:
+def test_access_log_lines_and_switch(shared: Path, daemon_factory: DaemonFactory) -> None:
     """One access line per reply with peer, request, status, bytes, time, cache; --no-access-log silences them."""
     write(shared, "a.txt", b"12345")
     daemon = daemon_factory(shared)

@@ -278,8 +278,8 @@ def test_list_stopped_midway_closes_the_walk(tmp_path: Path) -> None:
     steps = QueuedSteps()
     body = ListBody(SharedFolder(str(tmp_path)).walk(), lambda path, st: False, steps)
     done = body.send(StringTransport())
-    work, d = steps.queue.pop(0)
-    d.callback(work())
+    work, waiting = steps.queue.pop(0)
+    waiting.callback(work())
     assert len(os.listdir("/proc/self/fd")) > fds
     failures: list[Any] = []
     done.addErrback(failures.append)

@@ -14,7 +14,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import example, given, settings
@@ -31,7 +31,7 @@ from twisted.internet.testing import (
     StringTransport,
     StringTransportWithDisconnection,
 )
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -200,7 +200,7 @@ class PushbackTransport(RecordingTransport):
 
     def peer_reads_all(self) -> bytes:
         """The peer reads every unsent byte; return those bytes."""
-        data = self.value()
+        data: bytes = self.value()
         self.clear()
         self.unsent = 0
         if self.producer is not None and (not self.streaming or self.producer_paused):
@@ -240,10 +240,12 @@ class SendBufferTransport(abstract.FileDescriptor):
 
     @property
     def reading(self) -> bool:
+        assert isinstance(self.reactor, MemoryReactor)
         return self in self.reactor.readers
 
     def peer_reads_all(self) -> None:
         """Call doWrite, as the reactor would, while the transport wants to write."""
+        assert isinstance(self.reactor, MemoryReactor)
         for _ in range(10_000):
             if self not in self.reactor.writers:
                 return
@@ -343,9 +345,12 @@ def protocol_events() -> Iterator[list[dict[str, Any]]]:
         if event.get("log_namespace") == PROTOCOL_NAMESPACE:
             events.append(event)
 
-    globalLogPublisher.addObserver(observe)
+    # A plain function is an observer: zope.interface cannot declare that
+    # in a way mypy sees, so Twisted's own typed code casts it too.
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
     yield events
-    globalLogPublisher.removeObserver(observe)
+    globalLogPublisher.removeObserver(observer)
 
 
 def access_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -615,12 +620,13 @@ def test_get_large_file_over_iosim(root: Path) -> None:
         def dataReceived(self, data: bytes) -> None:
             self.received += data
 
-        def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        def connectionLost(self, reason: Failure | None = None) -> None:
             self.lost = True
 
     client, _, pump = iosim.connectedServerAndClient(
         lambda: factory.buildProtocol(PEER), Collector
     )
+    assert client.transport is not None
     client.transport.write(b"GET big.bin\r\nGET small.txt\r\nQUIT\r\n")
     pump.flush()
 
@@ -689,7 +695,7 @@ def test_get_offset_past_the_end_is_bad_request(root: Path, size: int) -> None:
 
 
 @pytest.mark.parametrize("size", [1000, BIG_SIZE])
-def test_second_get_is_a_cache_hit(root: Path, size: int, protocol_events: list) -> None:
+def test_second_get_is_a_cache_hit(root: Path, size: int, protocol_events: list[dict[str, Any]]) -> None:
     """
     The second GET of a file that fits the cache is served from memory:
     same bytes and version, STATS hits 1 / misses 1, access log `miss` then
@@ -962,7 +968,7 @@ def test_connection_answers_after_errors(hostile: Path) -> None:
     ],
     ids=["4097-lf", "4097-crlf", "5000-crlf", "4098-unterminated"],
 )
-def test_too_long_line_is_refused_and_closes(root: Path, data: bytes, protocol_events: list) -> None:
+def test_too_long_line_is_refused_and_closes(root: Path, data: bytes, protocol_events: list[dict[str, Any]]) -> None:
     """
     A request line over 4096 bytes (not counting \\r\\n), or 4098 bytes
     with no terminator yet, is answered `ERR too-long` and the connection is
@@ -1109,6 +1115,7 @@ def test_streamed_reply_that_fills_the_send_buffer_does_not_stall_the_connection
     assert len(near_reply) == 2**16  # a precondition, not the test
     _, factory, _ = start(root, capacity=0)
     proto = factory.buildProtocol(PEER)
+    assert isinstance(proto, FileCacheProtocol)
     transport = SendBufferTransport()
     proto.makeConnection(transport)
     transport.startReading()
@@ -1135,7 +1142,7 @@ def test_streamed_reply_that_fills_the_send_buffer_does_not_stall_the_connection
 
 @pytest.mark.parametrize("change", ["shrink", "rewrite"])
 def test_file_changed_while_streamed_is_cut_off(
-    root: Path, change: str, protocol_events: list
+    root: Path, change: str, protocol_events: list[dict[str, Any]]
 ) -> None:
     """
     A file that shrinks (truncated between producer steps) or is rewritten
@@ -1173,7 +1180,7 @@ def test_file_changed_while_streamed_is_cut_off(
     assert stats_of(factory)["cache_files"] == 0
 
 
-def test_client_leaving_mid_stream_from_disk(root: Path, protocol_events: list) -> None:
+def test_client_leaving_mid_stream_from_disk(root: Path, protocol_events: list[dict[str, Any]]) -> None:
     """
     The peer goes away during a streamed reply from disk: nothing raises,
     the server releases the body (the file descriptor is closed), the
@@ -1206,7 +1213,7 @@ def test_client_leaving_mid_stream_from_disk(root: Path, protocol_events: list) 
     assert [p for p, _ in server.cache] == ["big.bin"]
 
 
-def test_client_leaving_mid_stream_from_memory(root: Path, protocol_events: list) -> None:
+def test_client_leaving_mid_stream_from_memory(root: Path, protocol_events: list[dict[str, Any]]) -> None:
     """
     The peer goes away while a large cached body is streamed from memory
     (paused by a full send buffer): nothing raises, the access log says
@@ -1237,7 +1244,7 @@ def test_client_leaving_mid_stream_from_memory(root: Path, protocol_events: list
 # Access log
 
 
-def test_access_log_one_event_per_reply(hostile: Path, protocol_events: list) -> None:
+def test_access_log_one_event_per_reply(hostile: Path, protocol_events: list[dict[str, Any]]) -> None:
     """
     With access_log=True every reply (not QUIT) logs one event with peer,
     request (without \\r), status, body size and cache (`miss`, `hit`,
@@ -1268,7 +1275,7 @@ def test_access_log_one_event_per_reply(hostile: Path, protocol_events: list) ->
 
 
 def test_access_log_times_a_streamed_reply_with_the_factory_clock(
-    root: Path, protocol_events: list
+    root: Path, protocol_events: list[dict[str, Any]]
 ) -> None:
     """The seconds of a streamed reply run from its request line to its END, on the injected clock."""
     put(root, "big.bin", noise(BIG_SIZE))
@@ -1287,7 +1294,7 @@ def test_access_log_times_a_streamed_reply_with_the_factory_clock(
     assert events[0]["seconds"] == 2.5  # 0.5 before each of the 5 producer steps
 
 
-def test_access_log_off_emits_nothing(hostile: Path, protocol_events: list) -> None:
+def test_access_log_off_emits_nothing(hostile: Path, protocol_events: list[dict[str, Any]]) -> None:
     """With access_log=False the protocol logs nothing for ordinary replies or errors."""
     _, factory, _ = start(hostile, access_log=False)
     proto, transport = connect(factory)
@@ -1309,11 +1316,12 @@ def test_access_log_off_emits_nothing(hostile: Path, protocol_events: list) -> N
     ],
 )
 def test_access_log_peer_for_other_addresses(
-    root: Path, protocol_events: list, address: IAddress, peer: str
+    root: Path, protocol_events: list[dict[str, Any]], address: IAddress, peer: str
 ) -> None:
     """The peer field is `[host]:port` for IPv6 and the socket name (or type) for UNIX peers."""
     _, factory, _ = start(root)
     proto = factory.buildProtocol(address)
+    assert proto is not None
     proto.makeConnection(StringTransport(peerAddress=address))
 
     proto.dataReceived(b"STATS\r\n")
@@ -1354,7 +1362,7 @@ def expected_outcome(stream: bytes) -> tuple[list[bytes], str]:
     connection ends: "open", "quit" or "too-long".
     """
     *complete, rest = stream.split(b"\n")
-    answered = []
+    answered: list[bytes] = []
     for line in complete:
         bare = line[:-1] if line.endswith(b"\r") else line
         if len(bare) > wire.MAX_LINE:

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filecache.daemon.startup import CannotStart, ConfigError, StartupEndpoint
@@ -142,7 +143,8 @@ def test_a_listen_that_succeeds_or_fails_later_is_passed_on() -> None:
     d = StartupEndpoint(_Endpoint(later), "tcp:1", stderr=stderr).listen(Factory())
     later.errback(CannotListenError("", 1, OSError(errno.EADDRINUSE, "Address already in use")))
     d.addErrback(results.append)
-    assert isinstance(results[-1].value, CannotListenError)  # type: ignore[attr-defined]
+    assert isinstance(results[-1], Failure)
+    assert isinstance(results[-1].value, CannotListenError)
     assert stderr.getvalue() == ""
 
 

@@ -9,16 +9,16 @@ import hashlib
 import os
 from pathlib import Path
 
-from conftest import Daemon, make_tls_files, run_client
+from conftest import Daemon, DaemonFactory, make_tls_files, run_client
 
 
-def start_tls_daemon(shared: Path, tmp_path: Path, daemon_factory) -> tuple[Daemon, Path]:
+def start_tls_daemon(shared: Path, tmp_path: Path, daemon_factory: DaemonFactory) -> tuple[Daemon, Path]:
     tls = make_tls_files(tmp_path)
     port = f"ssl:0:interface=127.0.0.1:privateKey={tls.key}:certKey={tls.cert}"
     return daemon_factory(shared, port=port), tls.ca
 
 
-def test_verified_tls_download(shared: Path, tmp_path: Path, daemon_factory) -> None:
+def test_verified_tls_download(shared: Path, tmp_path: Path, daemon_factory: DaemonFactory) -> None:
     """--tls --cafile: listing and a large (streamed) download over a verified connection."""
     data = os.urandom(3 * 1024 * 1024 + 5)
     (shared / "big.bin").write_bytes(data)
@@ -36,7 +36,7 @@ def test_verified_tls_download(shared: Path, tmp_path: Path, daemon_factory) -> 
         assert (out / "small.txt").read_bytes() == b"small"
 
 
-def test_wrong_host_certificate_is_refused(shared: Path, tmp_path: Path, daemon_factory) -> None:
+def test_wrong_host_certificate_is_refused(shared: Path, tmp_path: Path, daemon_factory: DaemonFactory) -> None:
     """A certificate for another name is refused: exit 3, a clear line, no file."""
     (shared / "a.txt").write_bytes(b"secret")
     daemon, ca = start_tls_daemon(shared, tmp_path, daemon_factory)
@@ -48,7 +48,7 @@ def test_wrong_host_certificate_is_refused(shared: Path, tmp_path: Path, daemon_
     assert not (out / "a.txt").exists()
 
 
-def test_untrusted_ca_is_refused(shared: Path, tmp_path: Path, daemon_factory) -> None:
+def test_untrusted_ca_is_refused(shared: Path, tmp_path: Path, daemon_factory: DaemonFactory) -> None:
     """Without --cafile the throwaway CA is not trusted: exit 3."""
     (shared / "a.txt").write_bytes(b"x")
     daemon, _ = start_tls_daemon(shared, tmp_path, daemon_factory)
@@ -57,7 +57,7 @@ def test_untrusted_ca_is_refused(shared: Path, tmp_path: Path, daemon_factory) -
     assert "TLS handshake failed" in result.stderr
 
 
-def test_insecure_skips_verification_with_a_warning(shared: Path, tmp_path: Path, daemon_factory) -> None:
+def test_insecure_skips_verification_with_a_warning(shared: Path, tmp_path: Path, daemon_factory: DaemonFactory) -> None:
     """--insecure connects to a wrong-host certificate, and says so."""
     (shared / "a.txt").write_bytes(b"unchecked")
     daemon, _ = start_tls_daemon(shared, tmp_path, daemon_factory)

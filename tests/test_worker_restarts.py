@@ -34,14 +34,14 @@ class _Process:
         self.signals.append(signal)
 
     def die(self) -> None:
-        self.protocol.processEnded(Failure(ProcessTerminated(signal=9)))  # type: ignore[no-untyped-call]
+        self.protocol.processEnded(Failure(ProcessTerminated(signal=9)))
 
 
 class _Reactor(MemoryReactorClock):
     """A memory reactor and clock that also "spawns" processes, keeping them in L{spawned}."""
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.spawned: list[_Process] = []
 
     def spawnProcess(

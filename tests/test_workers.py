@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import RawClient, stats, wait_for
+from conftest import DaemonFactory, RawClient, stats, wait_for
 
 
 def worker_pids(log: str) -> list[int]:
@@ -29,7 +29,7 @@ def alive(pid: int) -> bool:
     return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
 
 
-def test_workers_share_the_port(shared: Path, daemon_factory) -> None:
+def test_workers_share_the_port(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     With --workers 2 both processes accept on the one port: with the parent
     stopped (SIGSTOP) the worker serves every connection, and with the worker
@@ -55,7 +55,7 @@ def test_workers_share_the_port(shared: Path, daemon_factory) -> None:
     assert (by_worker, by_parent) == (10, 10)
 
 
-def test_stats_says_which_worker_answered(shared: Path, daemon_factory) -> None:
+def test_stats_says_which_worker_answered(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     With --workers 2, STATS names the process that answered: worker 0 is
     the parent, worker 1 the child, each with its own pid (issue 8, item 15).
@@ -76,7 +76,7 @@ def test_stats_says_which_worker_answered(shared: Path, daemon_factory) -> None:
     assert seen == {0: daemon.pid, 1: worker}
 
 
-def test_dead_worker_is_replaced_and_sigterm_stops_all(shared: Path, daemon_factory) -> None:
+def test_dead_worker_is_replaced_and_sigterm_stops_all(shared: Path, daemon_factory: DaemonFactory) -> None:
     """A killed worker is started again; SIGTERM to the parent stops every process with status 0."""
     (shared / "a.txt").write_bytes(b"a")
     daemon = daemon_factory(shared, "--workers", "2")
@@ -119,7 +119,7 @@ def test_workers_auto_and_bad_values(tmp_path: Path) -> None:
     assert options.config.workers == os.cpu_count()
 
 
-def test_workers_stop_when_the_parent_is_killed(shared: Path, daemon_factory) -> None:
+def test_workers_stop_when_the_parent_is_killed(shared: Path, daemon_factory: DaemonFactory) -> None:
     """A worker whose parent died (SIGKILL, no chance to stop it) stops by itself."""
     daemon = daemon_factory(shared, "--workers", "2")
     wait_for(lambda: worker_pids(daemon.log_text()), 20, "the worker")
