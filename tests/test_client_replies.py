@@ -7,6 +7,7 @@ the client's reading of reply lines (reply_lines), malformed ones included.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -245,8 +246,6 @@ def test_a_steady_body_is_never_cut_and_no_timer_is_left() -> None:
     clock = Clock()
     proto, transport = connected(timeout=5, clock=clock)
     body = b"y" * (MIN_PROGRESS * 10)
-    import hashlib
-
     seen = outcome(proto.get("f.bin", Sink()))
     proto.dataReceived(b"OK %d %s\r\n" % (len(body), VERSION.encode()))
     for i in range(10):
@@ -340,11 +339,13 @@ def read(parse: Callable[[bytes], object], line: bytes) -> tuple[str, object]:
 def test_the_client_reads_reply_lines_as_the_shared_grammar_does(line: bytes) -> None:
     """
     On any line, each of the client's readers gives the value wire's
-    reader of that form gives, or fails with the same message: only as a
-    MalformedReply, never as a WireError carrying a server error code.
+    reader of that form gives for the line with its CR (wire's readers take
+    one off, the client's leave that to the protocol), or fails with the
+    same message: only as a MalformedReply, never as a WireError carrying a
+    server error code.
     """
     for ours, shared in PAIRS:
-        assert read(ours, line) == read(shared, line)
+        assert read(ours, line) == read(shared, line + b"\r")
         try:
             ours(line)
         except MalformedReply:
@@ -380,3 +381,49 @@ def test_a_bad_escape_in_a_list_row_is_a_malformed_reply() -> None:
     lost(proto)
     assert isinstance(seen[0].value, MalformedReply)
     assert str(seen[0].value) == "malformed reply from server: malformed percent escape"
+
+
+def test_the_cr_is_taken_off_once_by_the_protocol() -> None:
+    """
+    Reply lines may end in CRLF or a bare LF, alike; the protocol takes one
+    CR off a line, so END <digest> followed by two CRs is still malformed.
+    """
+    proto, _ = connected()
+    seen = outcome(proto.stats())
+    proto.dataReceived(b"OK 2\nhits 2\r\nversion 1.2.3\n")
+    assert seen == [[("hits", 2), ("version", "1.2.3")]]
+    body = b"abc"
+    digest = hashlib.sha256(body).hexdigest().encode()
+    got = outcome(proto.get("f.bin", Sink()))
+    proto.dataReceived(b"OK 3 " + VERSION.encode() + b"\r\n" + body + b"END " + digest + b"\n")
+    assert got == [Download(3, VERSION, digest.decode())]
+    proto, transport = connected()
+    got = outcome(proto.get("f.bin", Sink()))
+    proto.dataReceived(b"OK 3 " + VERSION.encode() + b"\r\n" + body + b"END " + digest + b"\r\r\n")
+    assert transport.disconnecting
+    lost(proto)
+    assert str(got[0].value) == "malformed reply from server: malformed END line"
+
+
+@pytest.mark.parametrize("ending, refused", [(b"\r\n", True), (b"\n", False)])
+def test_list_bytes_count_each_row_as_it_came(
+    monkeypatch: pytest.MonkeyPatch, ending: bytes, refused: bool
+) -> None:
+    """
+    MAX_LIST_BYTES counts a row's bytes as sent, its CR and LF included:
+    taking the CR off before the readers see the line does not loosen it.
+    Three CRLF rows are one byte over the limit; the same rows with bare
+    LFs are within it.
+    """
+    monkeypatch.setattr(readers, "MAX_LIST_BYTES", 3 * len(ROW_A) - 1)
+    row = ROW_A[:-2] + ending
+    proto, transport = connected()
+    seen = outcome(proto.list())
+    proto.dataReceived(b"OK\r\n" + row * 3 + b"END 3\r\n")
+    if refused:
+        assert transport.disconnecting
+        lost(proto)
+        assert "MiB of rows" in str(seen[0].value)
+    else:
+        assert not transport.disconnecting
+        assert len(seen[0]) == 3

@@ -149,6 +149,9 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         if op is None:
             return self._fail(BrokenReply("reply line with no request outstanding"))
         size = len(line) + 1  # as it came, its \n included
+        if line.endswith(b"\r"):
+            # The one place a line's CR goes: readers see the line alone.
+            line = line[:-1]
         if self._status_seen:
             self._pace.received(size)
         else:

@@ -82,8 +82,8 @@ class ReplyReader:
 
     def line(self, line: bytes, size: int) -> Next:
         """
-        Take a reply line (without its C{\\n}) that took C{size} bytes on the
-        wire; say what comes next.
+        Take a reply line (without its C{\\r\\n} or C{\\n}) that took
+        C{size} bytes on the wire; say what comes next.
         """
         raise NotImplementedError
 

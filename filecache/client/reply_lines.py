@@ -1,6 +1,6 @@
 """
 The lines of the server's replies, read by the client (docs/protocol.md):
-pure functions on one line; a line that breaks the format raises MalformedReply.
+pure functions on one line, its CRLF already gone; a malformed one raises MalformedReply.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ _TOKEN = re.compile(rb"[\x21-\x7e]+\Z")
 
 def parse_status(line: bytes) -> wire.Status:
     """A status line: C{OK} with its fields, or C{ERR} with its code and text."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
     if line == b"OK" or line.startswith(b"OK "):
         return wire.Status(ok=True, fields=tuple(line[3:].split()))
     if line.startswith(b"ERR "):
@@ -60,8 +58,6 @@ def parse_hash_status(status: wire.Status) -> tuple[int, str, str]:
 
 def parse_end(line: bytes) -> str:
     """The digest of the C{END <sha256-hex>} line that closes a GET body."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
     if not line.startswith(b"END ") or not _DIGEST.match(line[4:]):
         raise MalformedReply("malformed END line")
     return line[4:].decode("ascii")
@@ -69,8 +65,6 @@ def parse_end(line: bytes) -> str:
 
 def parse_list_row(line: bytes) -> wire.ListRow:
     """One C{<size> <mtime> <C|-> <path>} line of a LIST reply."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
     parts = line.split(b" ")
     if (
         len(parts) != 4
@@ -98,8 +92,6 @@ def parse_list_end(line: bytes) -> int | None:
     The C{<n>} of the C{END <n>} line that closes a LIST reply, or C{None}
     if C{line} is not an C{END} line (a row, or an error line).
     """
-    if line.endswith(b"\r"):
-        line = line[:-1]
     if not line.startswith(b"END"):
         return None
     if not line.startswith(b"END ") or not line[4:].isdigit():
@@ -112,8 +104,6 @@ def parse_stats_row(line: bytes) -> tuple[str, wire.StatValue]:
     One C{<key> <value>} line of a STATS reply: an integer value, or a text
     one (such as C{version}).
     """
-    if line.endswith(b"\r"):
-        line = line[:-1]
     key, _, value = line.partition(b" ")
     if not key or not value or not _TOKEN.match(value):
         raise MalformedReply("malformed STATS row")
