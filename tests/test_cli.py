@@ -44,7 +44,7 @@ def test_progress_bar_uses_the_units_list_uses() -> None:
     KiB), not tqdm's 1024-divided figures labelled k and MB/s.
     """
     stream = io.StringIO()
-    bar = TqdmProgress(stream, enabled=True)
+    bar = TqdmProgress(stream, disable=False)
     bar.start("f.bin", 5 * 1024 * 1024, 1024 * 1024)
     bar.advance(2 * 1024 * 1024)
     bar.close()
@@ -53,6 +53,39 @@ def test_progress_bar_uses_the_units_list_uses() -> None:
     assert "3.0 MiB/5.0 MiB [" in shown
     assert re.search(r"\d+\.\d (KiB|MiB|GiB)/s\]", shown)
     assert "MB/s" not in shown and "kB/s" not in shown
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "stream, disable, shown",
+    [
+        (Terminal(), None, True),
+        (io.StringIO(), None, False),
+        (Terminal(), True, False),
+    ],
+    ids=["terminal", "not-a-terminal", "quiet-on-a-terminal"],
+)
+def test_the_bar_shows_only_on_a_terminal_and_not_when_quiet(
+    stream: io.StringIO, disable: bool | None, shown: bool
+) -> None:
+    """
+    TqdmProgress leaves the choice to tqdm's disable: None (the default)
+    draws on a terminal only, True (--quiet) never; a bar left out writes
+    nothing at all.
+    """
+    bar = TqdmProgress(stream, disable=disable)
+    bar.start("f.bin", 1000, 0)
+    bar.advance(1000)
+    bar.close()
+    assert ("f.bin: 100%|" in stream.getvalue()) is shown
+    if not shown:
+        assert stream.getvalue() == ""
 
 
 def test_command_forms() -> None:

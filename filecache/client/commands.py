@@ -61,7 +61,8 @@ async def get_all(
     from twisted.internet.task import deferLater
 
     status = EXIT_OK
-    show_bar = not inv.quiet and err.isatty()
+    # tqdm's None: a bar only when stderr is a terminal.
+    no_bar = True if inv.quiet else None
 
     def retrying(name: str, error: BaseException, delay: float) -> None:
         say(err, f"{name}: {describe(error)}; retrying in {delay:g} s")
@@ -75,7 +76,7 @@ async def get_all(
                 name,
                 inv.folder,
                 force=inv.force,
-                progress=lambda: TqdmProgress(err, show_bar),
+                progress=lambda: TqdmProgress(err, disable=no_bar),
                 retries=inv.retries,
                 sleep=lambda seconds: deferLater(reactor, seconds),
                 on_retry=retrying,

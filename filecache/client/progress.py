@@ -32,7 +32,7 @@ BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {done}/{size} [{elapsed}<{remain
 
 @functools.cache
 def _bar_class() -> Any:
-    # tqdm is imported only when a bar is shown.
+    # tqdm is imported once a download begins, not when the client starts.
     from tqdm import tqdm
 
     class BinaryBar(tqdm):  # type: ignore[type-arg]
@@ -55,17 +55,19 @@ def _bar_class() -> Any:
 
 
 class TqdmProgress(Progress):
-    """A tqdm bar per file on stderr."""
+    """
+    A tqdm bar per file on C{stream}.  C{disable} is tqdm's: C{None} shows
+    the bar only if C{stream} is a terminal, C{True} never (C{--quiet}).
+    """
 
-    def __init__(self, stream: IO[str], enabled: bool) -> None:
+    def __init__(self, stream: IO[str], disable: bool | None = None) -> None:
         self._stream = stream
-        self._enabled = enabled
+        self._disable = disable
         self._bar: Any = None
 
     def start(self, name: str, total: int, done: int) -> None:
-        if not self._enabled:
-            return
         self._bar = _bar_class()(
+            disable=self._disable,
             total=total,
             initial=done,
             desc=wire.printable(name),
