@@ -1,8 +1,9 @@
 """
 Stopping the client, in memory: a cancelled request ends its connection and
 fails with CancelledError (what a signal does to a download in progress),
-and an interrupted fetch is never retried.  The signals themselves are
-tested on a real terminal in test_cli.py.
+an interrupted fetch is never retried, and a retry waits its doubling delay
+on an injected Clock.  The signals themselves are tested on a real terminal
+in test_cli.py.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionAborted
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from filecache.client.download import Session, fetch
+from filecache.client.download import Session, fetch, retry_delay
 from filecache.client.errors import ConnectionLostEarly
 from filecache.client.protocol import FileCacheClientProtocol
 
@@ -97,11 +99,13 @@ def test_an_interrupted_fetch_is_not_retried(tmp_path: Path) -> None:
     """
     session = LostSession()
     retried: list[object] = []
+    clock = Clock()
     d = Deferred.fromCoroutine(
         fetch(
             session,
             "f.bin",
             str(tmp_path / "out"),
+            clock=clock,
             retries=5,
             on_retry=lambda *a: retried.append(a),
             interrupted=lambda: True,
@@ -110,19 +114,67 @@ def test_an_interrupted_fetch_is_not_retried(tmp_path: Path) -> None:
     seen = outcome(d)
     assert seen[0].check(ConnectionLostEarly)
     assert retried == [] and session.attempts == 1
+    assert clock.getDelayedCalls() == []
     assert not (tmp_path / "out").exists()
 
 
 def test_without_an_interrupt_the_same_fetch_is_retried(tmp_path: Path) -> None:
-    """The control case: the same lost connection is retried up to --retries."""
+    """
+    The control case: the same lost connection is retried up to --retries,
+    each retry announced with its delay and made once that much time has
+    passed on the clock (0.25 s, then 0.5 s), not before.
+    """
     session = LostSession()
-    retried: list[object] = []
+    retried: list[tuple[Any, ...]] = []
+    clock = Clock()
     d = Deferred.fromCoroutine(
-        fetch(session, "f.bin", str(tmp_path / "out"), retries=2, on_retry=lambda *a: retried.append(a))
+        fetch(
+            session,
+            "f.bin",
+            str(tmp_path / "out"),
+            clock=clock,
+            retries=2,
+            on_retry=lambda *a: retried.append(a),
+        )
     )
     seen = outcome(d)
+    assert session.attempts == 1 and [a[2] for a in retried] == [0.25]
+    clock.advance(0.24)
+    assert session.attempts == 1
+    clock.advance(0.01)
+    assert session.attempts == 2 and [a[2] for a in retried] == [0.25, 0.5]
+    clock.advance(0.49)
+    assert session.attempts == 2 and seen == []
+    clock.advance(0.01)
     assert seen[0].check(ConnectionLostEarly)
     assert len(retried) == 2 and session.attempts == 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_retry_delays_double_from_a_quarter_second_up_to_five() -> None:
+    """The one retry delay: 0.25 s before the first retry, doubling, never over 5 s."""
+    assert [retry_delay(n) for n in range(1, 9)] == [0.25, 0.5, 1, 2, 4, 5, 5, 5]
+    assert retry_delay(1000) == 5
+
+
+def test_cancelling_a_fetch_while_it_waits_to_retry_stops_the_wait(tmp_path: Path) -> None:
+    """
+    A signal during the wait before a retry (the CLI cancels the work):
+    the fetch fails with CancelledError at once, the timer is gone, and no
+    retry is made.
+    """
+    session = LostSession()
+    clock = Clock()
+    d = Deferred.fromCoroutine(
+        fetch(session, "f.bin", str(tmp_path / "out"), clock=clock, retries=3)
+    )
+    seen = outcome(d)
+    assert session.attempts == 1 and len(clock.getDelayedCalls()) == 1
+    d.cancel()
+    assert seen[0].check(CancelledError)
+    assert clock.getDelayedCalls() == []
+    clock.advance(10)
+    assert session.attempts == 1
 
 
 @pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)])

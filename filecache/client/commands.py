@@ -58,8 +58,6 @@ async def get_all(
 
     @raise Interrupted: once C{stop} is requested, saying what is unfinished.
     """
-    from twisted.internet.task import deferLater
-
     status = EXIT_OK
     # tqdm's None: a bar only when stderr is a terminal.
     no_bar = True if inv.quiet else None
@@ -78,7 +76,7 @@ async def get_all(
                 force=inv.force,
                 progress=lambda: TqdmProgress(err, disable=no_bar),
                 retries=inv.retries,
-                sleep=lambda seconds: deferLater(reactor, seconds),
+                clock=reactor,
                 on_retry=retrying,
                 interrupted=lambda: stop.requested,
             )

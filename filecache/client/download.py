@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 
 from filecache.client.destination import destination, make_parents, remove_empty_folders
 from filecache.client.errors import (
@@ -26,7 +28,6 @@ from filecache.client.protocol import FileCacheClientProtocol
 from filecache.client.readers import Download
 
 Connect = Callable[[], Awaitable[FileCacheClientProtocol]]
-Sleep = Callable[[float], Awaitable[Any]]
 
 
 class Session:
@@ -52,9 +53,14 @@ class Session:
 RETRYABLE = (ConnectionLostEarly, ConnectError, VersionChanged)
 
 
-def backoff(attempt: int) -> float:
-    """Seconds to wait before retry number C{attempt} (1, 2, ...)."""
-    return float(min(0.25 * 2 ** (attempt - 1), 5.0))
+# No jitter: one client retrying one file has no herd to spread, and the
+# delay it announces ("retrying in 0.25 s") is the delay it waits.
+_DOUBLING = backoffPolicy(initialDelay=0.25, maxDelay=5.0, factor=2.0, jitter=lambda: 0.0)
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry number C{attempt} (1, 2, ...): 0.25, doubling, at most 5."""
+    return _DOUBLING(attempt - 1)
 
 
 async def fetch(
@@ -62,10 +68,10 @@ async def fetch(
     path: str,
     folder: str,
     *,
+    clock: IReactorTime,
     force: bool = False,
     progress: Callable[[], Progress] = Progress,
     retries: int = 0,
-    sleep: Sleep | None = None,
     on_retry: Callable[[str, BaseException, float], None] = lambda *a: None,
     interrupted: Callable[[], bool] = lambda: False,
 ) -> tuple[str, Download]:
@@ -74,10 +80,10 @@ async def fetch(
     what was received last.
 
     A lost connection is retried up to C{retries} times (none once
-    C{interrupted()} is true), resuming from the partial file when the
-    server still has the same version; a resumed file
-    is checked against the server's whole-file SHA-256 before it is moved
-    into place.  Folders made for a download that fails are removed again
+    C{interrupted()} is true), each after L{retry_delay} on C{clock},
+    resuming from the partial file when the server still has the same
+    version; a resumed file is checked against the server's whole-file
+    SHA-256 before it is moved into place.  Folders made for a download that fails are removed again
     when empty (a kept partial file keeps its folder).
 
     @raise LocalError: unsafe name, existing destination without C{force},
@@ -96,7 +102,7 @@ async def fetch(
         sink = PartFile(final, path, progress(), force=force)
         sink.claim()
         result = await _fetch_with_retries(
-            session, path, sink, retries, sleep, on_retry, interrupted
+            session, path, sink, retries, clock, on_retry, interrupted
         )
         sink.commit()
     except BaseException:
@@ -110,7 +116,7 @@ async def _fetch_with_retries(
     path: str,
     sink: PartFile,
     retries: int,
-    sleep: Sleep | None,
+    clock: IReactorTime,
     on_retry: Callable[[str, BaseException, float], None],
     interrupted: Callable[[], bool],
 ) -> Download:
@@ -127,10 +133,9 @@ async def _fetch_with_retries(
                 if isinstance(e, VersionChanged):
                     raise ConnectionLostEarly(str(e)) from None
                 raise
-            delay = backoff(attempt)
+            delay = retry_delay(attempt)
             on_retry(path, e, delay)
-            if sleep is not None:
-                await sleep(delay)
+            await deferLater(clock, delay)
             continue
         except BrokenReply:
             if not restarted and sink.have() and attempt < retries and not interrupted():
