@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import Daemon, RawClient, run_client, stats, tool, wait_for
+from conftest import Daemon, DaemonFactory, RawClient, run_client, stats, tool, wait_for
 
 MiB = 1024 * 1024
 
@@ -45,7 +45,9 @@ def stop_when_part_has(process: subprocess.Popen[str], part: Path, size: int) ->
     return part.stat().st_size
 
 
-def test_lost_connection_resumes_from_the_part(shared: Path, daemon_factory, tmp_path: Path) -> None:
+def test_lost_connection_resumes_from_the_part(
+    shared: Path, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
     """The server dies mid-file and comes back: the client retries, resumes at its offset, and the file is whole."""
     data = os.urandom(100 * MiB)
     (shared / "big.bin").write_bytes(data)
