@@ -26,10 +26,7 @@ _SAFE = frozenset(
 )
 _QUOTE_TABLE = [chr(b) if b in _SAFE else f"%{b:02X}" for b in range(256)]
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_VERSION = re.compile(rb"[0-9a-f]+(?:-[0-9a-f]+)*\Z")
-_DIGEST = re.compile(rb"[0-9a-f]{64}\Z")
 _INTEGER = re.compile(rb"-?[0-9]+\Z")
-_TOKEN = re.compile(rb"[\x21-\x7e]+\Z")
 
 
 class WireError(Exception):
@@ -322,7 +319,7 @@ def printable_bytes(raw: bytes) -> str:
     return printable(raw.decode("utf-8", "surrogateescape"))
 
 
-# Client side: parsing what the server sends
+# What the client parses replies into (filecache/client/reply_lines.py)
 
 
 @dataclass(frozen=True)
@@ -336,109 +333,3 @@ class Status:
     fields: tuple[bytes, ...] = ()
     code: str = ""
     message: str = ""
-
-
-def parse_status(line: bytes) -> Status:
-    """
-    Parse a status line sent by the server.
-
-    @raise WireError: if it is neither C{OK ...} nor C{ERR <code> ...}.
-    """
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    if line == b"OK" or line.startswith(b"OK "):
-        return Status(ok=True, fields=tuple(line[3:].split()))
-    if line.startswith(b"ERR "):
-        code, _, text = line[4:].partition(b" ")
-        return Status(
-            ok=False,
-            code=code.decode("ascii", "replace"),
-            message=text.decode("utf-8", "replace"),
-        )
-    raise WireError(BAD_REQUEST, "malformed status line from server")
-
-
-def parse_count(status: Status) -> int:
-    """The C{<n>} of an C{OK <n>} status (LIST, STATS)."""
-    if len(status.fields) != 1 or not status.fields[0].isdigit():
-        raise WireError(BAD_REQUEST, "malformed count in status line")
-    return int(status.fields[0])
-
-
-def parse_get_status(status: Status) -> tuple[int, str]:
-    """The C{<size>} and C{<version>} of a GET reply's C{OK} status."""
-    if len(status.fields) != 2 or not status.fields[0].isdigit():
-        raise WireError(BAD_REQUEST, "malformed GET status line")
-    if not _VERSION.match(status.fields[1]):
-        raise WireError(BAD_REQUEST, "malformed version in GET status line")
-    return int(status.fields[0]), status.fields[1].decode("ascii")
-
-
-def parse_hash_status(status: Status) -> tuple[int, str, str]:
-    """The C{<size>}, C{<version>} and C{<sha256>} of a HASH reply."""
-    if len(status.fields) != 3:
-        raise WireError(BAD_REQUEST, "malformed HASH status line")
-    size, version = parse_get_status(Status(True, status.fields[:2]))
-    if not _DIGEST.match(status.fields[2]):
-        raise WireError(BAD_REQUEST, "malformed digest in HASH status line")
-    return size, version, status.fields[2].decode("ascii")
-
-
-def parse_end(line: bytes) -> str:
-    """The digest of an C{END <sha256-hex>} line."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    if not line.startswith(b"END ") or not _DIGEST.match(line[4:]):
-        raise WireError(BAD_REQUEST, "malformed END line")
-    return line[4:].decode("ascii")
-
-
-def parse_list_row(line: bytes) -> ListRow:
-    """One C{<size> <mtime> <C|-> <path>} line of a LIST reply."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    parts = line.split(b" ")
-    if (
-        len(parts) != 4
-        or not parts[0].isdigit()
-        or not _INTEGER.match(parts[1])
-        or parts[2] not in (b"C", b"-")
-    ):
-        raise WireError(BAD_REQUEST, "malformed LIST row")
-    return ListRow(
-        size=int(parts[0]),
-        mtime=int(parts[1]),
-        cached=parts[2] == b"C",
-        path=unquote_path(parts[3]),
-    )
-
-
-def parse_stats_row(line: bytes) -> tuple[str, StatValue]:
-    """
-    One C{<key> <value>} line of a STATS reply: an integer value, or a text
-    one (such as C{version}).
-    """
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    key, _, value = line.partition(b" ")
-    if not key or not value or not _TOKEN.match(value):
-        raise WireError(BAD_REQUEST, "malformed STATS row")
-    if _INTEGER.match(value):
-        return key.decode("ascii", "replace"), int(value)
-    return key.decode("ascii", "replace"), value.decode("ascii")
-
-
-def parse_list_end(line: bytes) -> int | None:
-    """
-    The C{<n>} of the C{END <n>} line that closes a LIST reply, or C{None}
-    if C{line} is not an C{END} line (a row, or an error line).
-
-    @raise WireError: on a malformed C{END} line.
-    """
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    if not line.startswith(b"END"):
-        return None
-    if not line.startswith(b"END ") or not line[4:].isdigit():
-        raise WireError(BAD_REQUEST, "malformed END line of a LIST reply")
-    return int(line[4:])

@@ -23,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import AccumulatingProtocol, MemoryReactor, StringTransport
 
 from filecache import __version__, wire
+from filecache.client import reply_lines
 from filecache.daemon import sockets, transfer
 from filecache.daemon.admission import parse_allow
 from filecache.daemon.cache import FifoCache
@@ -305,7 +306,7 @@ def test_stats_has_uptime_version_worker_and_pid(tmp_path: Path) -> None:
     assert (figures["worker"], figures["pid"]) == (3, os.getpid())
     lines = wire.format_stats(server.stats()).split(b"\r\n")
     assert lines[0] == b"OK %d" % len(figures)
-    assert dict(wire.parse_stats_row(line) for line in lines[1:-1]) == figures
+    assert dict(reply_lines.parse_stats_row(line) for line in lines[1:-1]) == figures
 
 
 # Item 16: the fast path's private Twisted attributes.

@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from filecache import wire
+from filecache.client import reply_lines
 from filecache.daemon import transfer
 from filecache.daemon.cache import FifoCache
 from filecache.daemon.folder import FileStat, OpenedFile, SharedFolder, Unreadable
@@ -1397,7 +1398,7 @@ def check_reply(out: bytes, pos: int, line: bytes, root: Path) -> int:
             if row.startswith(b"END "):
                 assert int(row[4:]) == rows
                 return pos
-            wire.parse_list_row(row)
+            reply_lines.parse_list_row(row)
             rows += 1
     assert status.startswith(b"OK "), (line, status)
     if isinstance(request, wire.GetRequest):
