@@ -154,7 +154,9 @@ class DiskBody:
         if self.start == 0 and digest is not None:
             stores.digests.put(opened.stat.version, digest)
             if self.fill and result.data is not None:
-                entry = CacheEntry(result.data, opened.stat.version, digest, opened.stat.mtime, opened.source)
+                entry = CacheEntry(
+                    result.data, opened.stat.version, digest, opened.stat.mtime, opened.source, opened.stat.state
+                )
                 stores.cache.insert(opened.path, entry)
         return Sent(digest, result.sent)
 

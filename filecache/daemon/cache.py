@@ -28,6 +28,9 @@ class CacheEntry:
     @ivar mtime: the file's modification time in whole seconds.
     @ivar source: the path on disk it was read from, before symlinks were
         resolved (a C{stat} of it tells whether the entry is still current).
+    @ivar state: the file's inode, size, modification and change times in
+        nanoseconds when it was read: what its version token is made of, as
+        numbers, to compare with a C{stat} cheaply.
     """
 
     data: bytes | bytearray
@@ -35,6 +38,7 @@ class CacheEntry:
     digest: str
     mtime: int
     source: str = ""
+    state: tuple[int, int, int, int] | None = None
 
 
 class ICache(Interface):

@@ -76,6 +76,11 @@ class FileStat:
     def mtime(self) -> int:
         return self.mtime_ns // 1_000_000_000
 
+    @property
+    def state(self) -> tuple[int, int, int, int]:
+        """What the version token is made of, as numbers."""
+        return (self.ino, self.size, self.mtime_ns, self.ctime_ns)
+
 
 @dataclass(frozen=True)
 class OpenedFile:
@@ -229,18 +234,18 @@ class SharedFolder:
             return False
         return now == opened.stat == named
 
-    def still_holds(self, source: str, version: str) -> bool:
+    def still_holds(self, source: str, state: tuple[int, int, int, int] | None) -> bool:
         """
         Whether the path C{source} (as L{OpenedFile.source}) names a regular
-        file of version C{version} now: one C{stat}, no open.  A file that
-        was confined when it was opened and has the same inode, size and
-        times is the same file.
+        file in the state C{state} (L{FileStat.state}) now: one C{stat}, no
+        open.  A file that was confined when it was opened and has the same
+        inode, size and times is the same file.
         """
         try:
             st = os.stat(source)
         except OSError:
             return False
-        return stat.S_ISREG(st.st_mode) and version_token(st) == version
+        return stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == state
 
     def read_whole(self, opened: OpenedFile) -> bytes:
         """

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -33,6 +34,9 @@ from filecache.daemon.hashing import Hashes
 from filecache.daemon.listing import ListBody
 
 __all__ = ["BlockingRunner", "run_now"]  # where they were before diskwork.py
+
+BUILT_BUDGET = 4 * 1024 * 1024
+"""Bytes of whole small-file replies kept ready for the next hit."""
 
 INLINE_LIMIT = 64 * 1024
 """Bodies up to this size are sent in one write together with their status
@@ -101,6 +105,8 @@ class Responder:
         self._run_blocking = run_blocking
         self._stores = Stores(folder, cache, self.digests, self._count_sent)
         self._more_figures: list[Callable[[], list[tuple[str, int]]]] = []
+        self._built: OrderedDict[str, tuple[CacheEntry, bytes]] = OrderedDict()
+        self._built_bytes = 0
         self._hashes = Hashes(run_blocking, self.digests)
         self._reactor = reactor
         self._settle = settle
@@ -132,7 +138,14 @@ class Responder:
             entry, size = hit
             if request.offset > size:
                 return error_reply(wire.BAD_REQUEST, "offset past the end of the file")
-            return self._from_memory(entry.data, request.offset, entry.digest, entry.version, "hit")
+            if request.offset == 0:
+                built = self._built.get(path)
+                if built is not None and built[0] is entry:
+                    return Reply(built[1], "OK", None, "hit", size)
+            reply = self._from_memory(entry.data, request.offset, entry.digest, entry.version, "hit")
+            if request.offset == 0 and isinstance(reply, Reply) and reply.body is None:
+                self._keep_built(path, entry, reply.data)
+            return reply
         opened = self._open(path)
         if isinstance(opened, Reply):
             return opened
@@ -191,7 +204,7 @@ class Responder:
     def _read_small(self, opened: OpenedFile, data: bytes, offset: int) -> Reply:
         st = opened.stat
         digest = sha256_hex(data)
-        self.cache.insert(opened.path, CacheEntry(data, st.version, digest, st.mtime, opened.source))
+        self.cache.insert(opened.path, CacheEntry(data, st.version, digest, st.mtime, opened.source, st.state))
         reply = self._from_memory(data, offset, digest, st.version, "miss")
         assert isinstance(reply, Reply)  # a small body is never hashed in steps
         return reply
@@ -216,7 +229,7 @@ class Responder:
         entry = self.cache.peek(path)
         if entry is None or not entry.source:
             return None
-        if not self.folder.still_holds(entry.source, entry.version):
+        if not self.folder.still_holds(entry.source, entry.state):
             return None
         if self.cache.lookup(path, entry.version) is None:  # counts the hit
             return None  # pragma: no cover - the entry was just seen
@@ -241,6 +254,20 @@ class Responder:
             whole = b"".join((status, data[start:] if start else data, wire.format_end(digest)))
             return Reply(whole, "OK", None, cache, length)
         return Reply(status, "OK", MemoryBody(data, start, digest, self._count_sent), cache, length)
+
+    def _keep_built(self, path: str, entry: CacheEntry, data: bytes) -> None:
+        # The whole reply to a hit, kept beside its entry (checked by
+        # identity, so a new version never meets an old reply), oldest
+        # dropped past BUILT_BUDGET bytes: it saves building the same
+        # status line, body copy and END on every hit of a small file.
+        old = self._built.pop(path, None)
+        if old is not None:
+            self._built_bytes -= len(old[1])
+        self._built[path] = (entry, data)
+        self._built_bytes += len(data)
+        while self._built_bytes > BUILT_BUDGET:
+            _, (_, dropped) = self._built.popitem(last=False)
+            self._built_bytes -= len(dropped)
 
     def _count_sent(self, count: int) -> None:
         self.counters.bytes_sent += count
