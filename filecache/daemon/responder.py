@@ -35,7 +35,7 @@ from filecache.daemon.listing import ListBody
 
 __all__ = ["BlockingRunner", "run_now"]  # where they were before diskwork.py
 
-BUILT_BUDGET = 4 * 1024 * 1024
+BUILT_BUDGET = 8 * 1024 * 1024
 """Bytes of whole small-file replies kept ready for the next hit."""
 
 INLINE_LIMIT = 64 * 1024
