@@ -378,6 +378,31 @@ def test_unread_lists_cost_little_memory(
 # Item 7: work for clients who left, and walks that must end.
 
 
+def test_unread_lists_of_clients_who_left_let_sigterm_drain_at_once(
+    big_folder: Path, daemon_factory: DaemonFactory
+) -> None:
+    """
+    12 clients send LIST of the 200,000-file folder, never read, and close:
+    the daemon notices they left even while it waits for its send queue to
+    drain (after a reset the kernel still counts the bytes it will never
+    send), so SIGTERM drains at once instead of waiting out --drain-timeout
+    (item 7).
+    """
+    daemon = daemon_factory(big_folder, "--no-access-log", "--drain-timeout", "20")
+    socks = unread_lists(daemon.port, 12)
+    time.sleep(2)
+    for sock in socks:
+        sock.close()
+    time.sleep(0.5)
+    started = time.monotonic()
+    exit_status = daemon.stop(signal.SIGTERM, timeout=30)
+    took = time.monotonic() - started
+    print(f"\nitem 7: SIGTERM after 12 abandoned unread LISTs: exit {exit_status} in {took:.2f} s")
+    assert exit_status == 0
+    assert took < 5, f"the drain waited {took:.1f} s for clients who had left"
+
+
+
 def test_lists_of_clients_who_left_do_not_delay_others(
     big_folder: Path, daemon_factory: DaemonFactory
 ) -> None:

@@ -31,18 +31,33 @@ def describe_peer(address: IAddress) -> str:
 def unsent_bytes(sock: socket.socket | None) -> int | None:
     """
     The bytes still waiting in the kernel's send queue of C{sock}
-    (C{SIOCOUTQ}, Linux), or C{None} where that cannot be asked.  When it
-    shrinks, the peer is taking bytes, even while the socket is not yet
-    reported writable again.
+    (C{SIOCOUTQ}, Linux), or C{None} where that cannot be asked or the
+    connection is no longer open (after a reset the kernel still reports
+    the bytes it will never send: whoever waits for them to drain must
+    write instead, and learn that the peer has gone).  When it shrinks,
+    the peer is taking bytes, even while the socket is not yet reported
+    writable again.
     """
     if sock is None:
         return None
     try:
+        if (
+            _TCP_INFO is not None
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+            and sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] not in _OPEN
+        ):
+            return None
         raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     except (OSError, ValueError):
         return None
     value: int = struct.unpack("i", raw)[0]
     return value
+
+
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+# tcpi_state, the first byte of struct tcp_info: ESTABLISHED and CLOSE_WAIT
+# (the peer has sent FIN, we may still send).
+_OPEN = frozenset({1, 8})
 
 
 def direct_socket(transport: object) -> socket.socket | None:
