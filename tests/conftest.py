@@ -21,7 +21,11 @@ from types import TracebackType
 from typing import Protocol
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from typing_extensions import Self
+
+from filecache.client.protocol import FileCacheClientProtocol
 
 BIN = Path(sys.executable).parent
 
@@ -289,6 +293,22 @@ class LoopbackServer:
         self._thread.join(10)
         self._listener.close()
         assert not self._thread.is_alive(), f"the {self._thread.name} thread did not stop"
+
+
+def crlf_lines(reply: bytes) -> list[bytes]:
+    """Split a reply on CRLF, as a client reading lines would, dropping the final empty piece."""
+    assert reply.endswith(b"\r\n")
+    return reply[:-2].split(b"\r\n")
+
+
+def connected_client(
+    timeout: float | None = None, clock: Clock | None = None
+) -> tuple[FileCacheClientProtocol, StringTransport]:
+    """A client protocol on a StringTransport, for in-memory client tests."""
+    proto = FileCacheClientProtocol(timeout=timeout, clock=clock)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
 
 
 def free_port() -> int:

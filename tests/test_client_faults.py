@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LoopbackServer, run_client, tool
+from conftest import LoopbackServer, connected_client, run_client, tool
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -28,7 +28,6 @@ from typing_extensions import Self
 
 from filecache import wire
 from filecache.client.errors import BrokenReply, ConnectionLostEarly, ServerError
-from filecache.client.protocol import FileCacheClientProtocol
 from filecache.client.readers import Download
 
 BODY = bytes(range(100))
@@ -871,13 +870,6 @@ class Sink:
         self.data += data
 
 
-def connected(
-    timeout: float | None = None, clock: Clock | None = None
-) -> tuple[FileCacheClientProtocol, StringTransport]:
-    proto = FileCacheClientProtocol(timeout=timeout, clock=clock)
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return proto, transport
 
 
 def sent(transport: StringTransport) -> bytes:
@@ -897,7 +889,7 @@ def test_pipelined_requests_are_sent_in_turn_and_resolved_in_order() -> None:
     each is sent when the previous reply is whole, and the Deferreds fire in
     request order with the parsed replies.
     """
-    proto, transport = connected()
+    proto, transport = connected_client()
     sink = Sink()
     fired: list[tuple[str, Any]] = []
     proto.list().addCallback(lambda r: fired.append(("list", r)))
@@ -930,7 +922,7 @@ def test_replies_arriving_in_one_chunk_are_split_at_the_body_end() -> None:
     A GET body that contains CRLFs followed in the same chunk by END and the
     next reply: the body is taken by size, not by lines, and both resolve.
     """
-    proto, transport = connected()
+    proto, transport = connected_client()
     body = b"line one\r\nEND not really\r\n" + BODY
     sink = Sink()
     fired: list[Any] = []
@@ -947,7 +939,7 @@ def test_replies_arriving_in_one_chunk_are_split_at_the_body_end() -> None:
 
 def test_err_keeps_the_connection_usable() -> None:
     """ERR not-found fails that request with ServerError; the next request still works."""
-    proto, transport = connected()
+    proto, transport = connected_client()
     sink = Sink()
     errors: list[Failure] = []
     fired: list[Any] = []
@@ -976,7 +968,7 @@ def test_timeout_fires_after_n_seconds_of_silence() -> None:
     with ConnectionLostEarly.
     """
     clock = Clock()
-    proto, transport = connected(timeout=5, clock=clock)
+    proto, transport = connected_client(timeout=5, clock=clock)
     clock.advance(100)
     assert not transport.disconnecting
 
@@ -1005,7 +997,7 @@ def test_timeout_fires_after_n_seconds_of_silence() -> None:
 def test_no_timeout_once_the_reply_is_whole() -> None:
     """After a complete reply the timer is cancelled: an idle connection stays open."""
     clock = Clock()
-    proto, transport = connected(timeout=5, clock=clock)
+    proto, transport = connected_client(timeout=5, clock=clock)
     fired: list[Any] = []
     proto.stats().addCallback(fired.append)
     proto.dataReceived(STATS_REPLY)
@@ -1020,7 +1012,7 @@ def test_connection_loss_fails_every_pending_request() -> None:
     The connection ends mid-body with two more requests queued: all three
     Deferreds fail with ConnectionLostEarly, and a later request fails at once.
     """
-    proto, transport = connected()
+    proto, transport = connected_client()
     sink = Sink()
     failures: list[tuple[str, Failure]] = []
     proto.get("f.bin", sink).addErrback(lambda f: failures.append(("get", f)))
@@ -1043,7 +1035,7 @@ def test_connection_loss_fails_every_pending_request() -> None:
 
 def test_broken_reply_aborts_and_fails_the_request_with_broken_reply() -> None:
     """A wrong END digest aborts the connection; the GET fails with BrokenReply."""
-    proto, transport = connected()
+    proto, transport = connected_client()
     errors: list[Failure] = []
     proto.get("f.bin", Sink()).addErrback(errors.append)
     proto.dataReceived(status(100) + BODY + end(sha(b"other")))

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import connected_client
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from filecache.client.download import Session, fetch, retry_delay
@@ -33,13 +33,6 @@ class Sink:
         pass
 
 
-def connected() -> tuple[FileCacheClientProtocol, StringTransport]:
-    proto = FileCacheClientProtocol()
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return proto, transport
-
-
 def outcome(d: Deferred[Any]) -> list[Any]:
     seen: list[Any] = []
     d.addBoth(seen.append)
@@ -52,7 +45,7 @@ def test_cancelling_the_request_in_flight_drops_the_connection() -> None:
     the connection (the rest of that reply cannot be told from the next),
     and the request queued behind it fails with ConnectionLostEarly.
     """
-    proto, transport = connected()
+    proto, transport = connected_client()
     get = proto.get("f.bin", Sink())
     queued = outcome(proto.list())
     proto.dataReceived(b"OK 100 " + VERSION + b"\r\n" + b"x" * 10)
@@ -68,7 +61,7 @@ def test_cancelling_the_request_in_flight_drops_the_connection() -> None:
 
 def test_cancelling_a_queued_request_leaves_the_one_in_flight() -> None:
     """A request still in the queue is just taken out: the one in flight completes, nothing else is sent."""
-    proto, transport = connected()
+    proto, transport = connected_client()
     stats = outcome(proto.stats())
     listing = proto.list()
     seen = outcome(listing)

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import connected_client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from filecache import wire
@@ -45,13 +45,6 @@ class Sink:
         self.data += data
 
 
-def connected(
-    timeout: float | None = None, clock: Clock | None = None
-) -> tuple[FileCacheClientProtocol, StringTransport]:
-    proto = FileCacheClientProtocol(timeout=timeout, clock=clock)
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return proto, transport
 
 
 def outcome(d: Any) -> list[Any]:
@@ -70,7 +63,7 @@ def lost(proto: FileCacheClientProtocol) -> None:
 
 def test_list_reply_is_ok_rows_and_end_n() -> None:
     """OK, two rows, END 2: the rows, in the order sent; the connection stays usable."""
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\n" + ROW_A + ROW_B + b"END 2\r\n")
     assert seen == [
@@ -81,7 +74,7 @@ def test_list_reply_is_ok_rows_and_end_n() -> None:
 
 def test_empty_list_reply() -> None:
     """OK then END 0 is an empty listing."""
-    proto, _ = connected()
+    proto, _ = connected_client()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\nEND 0\r\n")
     assert seen == [[]]
@@ -93,7 +86,7 @@ def test_err_in_place_of_end_drops_the_rows_and_keeps_the_connection() -> None:
     ServerError (no partial listing), and the next request goes out on the
     same connection.
     """
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.list())
     after = outcome(proto.stats())
     transport.clear()
@@ -110,7 +103,7 @@ def test_err_in_place_of_end_drops_the_rows_and_keeps_the_connection() -> None:
 
 def test_end_that_does_not_count_the_rows_is_a_broken_reply() -> None:
     """END 3 after two rows: BrokenReply, and the connection is dropped."""
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\n" + ROW_A + ROW_B + b"END 3\r\n")
     assert transport.disconnecting
@@ -121,7 +114,7 @@ def test_end_that_does_not_count_the_rows_is_a_broken_reply() -> None:
 
 def test_old_ok_n_framing_is_refused() -> None:
     """The old `OK <n>` LIST status is refused at once, not waited on for an END."""
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK 1\r\n" + ROW_A)
     assert transport.disconnecting
@@ -136,7 +129,7 @@ def test_list_rows_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     the connection dropped at that row, and nothing after it is parsed.
     """
     monkeypatch.setattr(wire, "MAX_LIST_ROWS", 3)
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\n" + ROW_A * 3)
     assert not transport.disconnecting
@@ -150,7 +143,7 @@ def test_list_rows_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_list_bytes_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows adding up to more than MAX_LIST_BYTES: BrokenReply, whatever their count."""
     monkeypatch.setattr(readers, "MAX_LIST_BYTES", 3 * len(ROW_A) - 1)
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\n" + ROW_A * 3)
     assert transport.disconnecting
@@ -161,7 +154,7 @@ def test_list_bytes_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_stats_count_is_capped() -> None:
     """A STATS status announcing more than MAX_STATS_ROWS rows is refused before any row."""
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.stats())
     proto.dataReceived(b"OK %d\r\n" % (readers.MAX_STATS_ROWS + 1,))
     assert transport.disconnecting
@@ -171,7 +164,7 @@ def test_stats_count_is_capped() -> None:
 
 def test_stats_text_values_and_unknown_keys() -> None:
     """STATS rows with a text value (version) and keys the client does not know are kept as sent."""
-    proto, _ = connected()
+    proto, _ = connected_client()
     seen = outcome(proto.stats())
     proto.dataReceived(b"OK 3\r\nversion 1.2.3\r\nuptime_seconds 7\r\nworker 2\r\n")
     assert seen == [[("version", "1.2.3"), ("uptime_seconds", 7), ("worker", 2)]]
@@ -187,7 +180,7 @@ def test_a_dripped_status_line_times_out() -> None:
     the request, with the silence message.
     """
     clock = Clock()
-    proto, transport = connected(timeout=5, clock=clock)
+    proto, transport = connected_client(timeout=5, clock=clock)
     seen = outcome(proto.get("f.bin", Sink()))
     for byte in (b"OK 100 " + VERSION.encode())[:9]:
         clock.advance(0.5)
@@ -208,7 +201,7 @@ def test_a_dripped_body_times_out_as_too_slow() -> None:
     client gives up then ("too slow"), not never.
     """
     clock = Clock()
-    proto, transport = connected(timeout=5, clock=clock)
+    proto, transport = connected_client(timeout=5, clock=clock)
     seen = outcome(proto.get("f.bin", Sink()))
     proto.dataReceived(b"OK 1000000 " + VERSION.encode() + b"\r\n")
     for _ in range(4):
@@ -226,7 +219,7 @@ def test_a_dripped_body_times_out_as_too_slow() -> None:
 def test_dripped_list_rows_time_out_as_too_slow() -> None:
     """LIST rows trickling in (one short row a second) are cut at the end of the first window."""
     clock = Clock()
-    proto, transport = connected(timeout=5, clock=clock)
+    proto, transport = connected_client(timeout=5, clock=clock)
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\n")
     for _ in range(5):
@@ -244,7 +237,7 @@ def test_a_steady_body_is_never_cut_and_no_timer_is_left() -> None:
     completes, and once it has, no timer is left running.
     """
     clock = Clock()
-    proto, transport = connected(timeout=5, clock=clock)
+    proto, transport = connected_client(timeout=5, clock=clock)
     body = b"y" * (MIN_PROGRESS * 10)
     seen = outcome(proto.get("f.bin", Sink()))
     proto.dataReceived(b"OK %d %s\r\n" % (len(body), VERSION.encode()))
@@ -263,7 +256,7 @@ def test_a_steady_body_is_never_cut_and_no_timer_is_left() -> None:
 def test_no_pace_rule_without_a_timeout() -> None:
     """timeout=None (--timeout 0) waits for ever: no timer at all."""
     clock = Clock()
-    proto, transport = connected(timeout=None, clock=clock)
+    proto, transport = connected_client(timeout=None, clock=clock)
     outcome(proto.list())
     proto.dataReceived(b"OK\r\n")
     assert clock.getDelayedCalls() == []
@@ -335,7 +328,7 @@ def test_a_malformed_status_line_fails_the_request_with_malformed_reply() -> Non
     MalformedReply (a BrokenReply: exit 4, said as an integrity failure),
     and the connection is dropped.
     """
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.get("f.bin", Sink()))
     proto.dataReceived(b"HELLO there\r\n")
     assert transport.disconnecting
@@ -351,7 +344,7 @@ def test_a_malformed_status_line_fails_the_request_with_malformed_reply() -> Non
 
 def test_a_bad_escape_in_a_list_row_is_a_malformed_reply() -> None:
     """A LIST row whose path has a broken %-escape fails the LIST with MalformedReply, not a WireError."""
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\n5 1700000000 C a%zz\r\n")
     assert transport.disconnecting
@@ -365,7 +358,7 @@ def test_the_cr_is_taken_off_once_by_the_protocol() -> None:
     Reply lines may end in CRLF or a bare LF, alike; the protocol takes one
     CR off a line, so END <digest> followed by two CRs is still malformed.
     """
-    proto, _ = connected()
+    proto, _ = connected_client()
     seen = outcome(proto.stats())
     proto.dataReceived(b"OK 2\nhits 2\r\nversion 1.2.3\n")
     assert seen == [[("hits", 2), ("version", "1.2.3")]]
@@ -374,7 +367,7 @@ def test_the_cr_is_taken_off_once_by_the_protocol() -> None:
     got = outcome(proto.get("f.bin", Sink()))
     proto.dataReceived(b"OK 3 " + VERSION.encode() + b"\r\n" + body + b"END " + digest + b"\n")
     assert got == [Download(3, VERSION, digest.decode())]
-    proto, transport = connected()
+    proto, transport = connected_client()
     got = outcome(proto.get("f.bin", Sink()))
     proto.dataReceived(b"OK 3 " + VERSION.encode() + b"\r\n" + body + b"END " + digest + b"\r\r\n")
     assert transport.disconnecting
@@ -394,7 +387,7 @@ def test_list_bytes_count_each_row_as_it_came(
     """
     monkeypatch.setattr(readers, "MAX_LIST_BYTES", 3 * len(ROW_A) - 1)
     row = ROW_A[:-2] + ending
-    proto, transport = connected()
+    proto, transport = connected_client()
     seen = outcome(proto.list())
     proto.dataReceived(b"OK\r\n" + row * 3 + b"END 3\r\n")
     if refused:

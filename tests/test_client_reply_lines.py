@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from conftest import crlf_lines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,10 +37,6 @@ utf8_text = st.text(st.characters(codec="utf-8"))
 DIGEST = hashlib.sha256(b"hello").hexdigest()
 
 
-def _lines(reply: bytes) -> list[bytes]:
-    """Split a reply on CRLF, as the client's line handling does, dropping the final empty piece."""
-    assert reply.endswith(b"\r\n")
-    return reply[:-2].split(b"\r\n")
 
 
 # The client reads the server's reply lines (its line handling has
@@ -173,7 +170,7 @@ list_rows = st.builds(
 @given(st.lists(list_rows, max_size=10))
 def test_list_round_trip(rows: list[ListRow]) -> None:
     """Parsing the lines of format_list gives back every row, in order, and END's count."""
-    lines = _lines(format_list(rows))
+    lines = crlf_lines(format_list(rows))
     assert parse_status(lines[0]) == Status(ok=True, fields=())
     assert parse_list_end(lines[-1]) == len(rows)
     assert [parse_list_end(line) for line in lines[1:-1]] == [None] * len(rows)
@@ -190,7 +187,7 @@ def test_parse_list_end_malformed(line: bytes) -> None:
 def test_stats_text_values() -> None:
     """STATS rows may carry a text value (version); it round-trips, integers stay integers."""
     reply = format_stats([("version", "0.2.0"), ("hits", -3)])
-    lines = _lines(reply)
+    lines = crlf_lines(reply)
     assert [parse_stats_row(line) for line in lines[1:]] == [("version", "0.2.0"), ("hits", -3)]
 
 
@@ -241,7 +238,7 @@ def test_parse_list_row_malformed(line: bytes) -> None:
 )
 def test_stats_round_trip(stats: list[tuple[str, int]]) -> None:
     """Parsing the lines of format_stats gives back the count and every key and value, in order."""
-    lines = _lines(format_stats(stats))
+    lines = crlf_lines(format_stats(stats))
     assert parse_count(parse_status(lines[0])) == len(stats)
     assert [parse_stats_row(line) for line in lines[1:]] == stats
 

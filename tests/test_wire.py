@@ -48,10 +48,6 @@ SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 DIGEST = hashlib.sha256(b"hello").hexdigest()
 
 
-def _lines(reply: bytes) -> list[bytes]:
-    """Split a reply on CRLF, as a client reading lines would, dropping the final empty piece."""
-    assert reply.endswith(b"\r\n")
-    return reply[:-2].split(b"\r\n")
 
 
 # parse_request

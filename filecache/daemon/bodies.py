@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from filecache.daemon.cache import CacheEntry, ICache
+from filecache.daemon.cache import CacheEntry, DigestStore, ICache
 from filecache.daemon.folder import OpenedFile, SharedFolder
 from filecache.daemon.transfer import TransferFailed, TransferResult, send_file, send_memory
 
@@ -60,7 +60,7 @@ class Stores:
 
     folder: SharedFolder
     cache: ICache
-    digests: Any  # filecache.daemon.responder.DigestStore
+    digests: DigestStore
     count_sent: Callable[[int], None]
     filling: set[str] = field(default_factory=set)
 

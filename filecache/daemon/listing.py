@@ -186,6 +186,10 @@ class ListBody:
         self._sent += len(line)
         done.callback(ListResult(self._rows, self._sent, error))
 
+    def discard(self) -> None:
+        """The body will never be sent (its client has gone): close the walk."""
+        self._close()
+
     def _look_again(self) -> None:
         self._poll = None
         self._next()

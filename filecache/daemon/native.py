@@ -252,8 +252,7 @@ class FileCacheProtocol(LineReceiver, TimeoutMixin):
             self._finish_simple(line, reply, started)
             return
         if self.transport is None or not self.connected:
-            if not isinstance(reply.body, ListBody):
-                reply.body.discard()
+            reply.body.discard()
             return
         self._set_replying(True)
         transport = self.transport
