@@ -11,7 +11,13 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from filecache.daemon.walk import MAX_WALK_DEPTH, MAX_WALK_ENTRIES, FolderWalk
+from filecache.daemon.walk import (
+    MAX_WALK_DEPTH,
+    MAX_WALK_ENTRIES,
+    FolderWalk,
+    OpenedFolder,
+    open_folder_fd,
+)
 from filecache.wire import PathError, split_path
 
 # Errors that mean "there is no shareable file by that name"; every other
@@ -266,6 +272,38 @@ class SharedFolder:
         if after != opened.stat or len(data) != size:
             raise Unreadable(opened.path, OSError(0, "file changed while being read; try again"))
         return data
+
+    def open_folder(self, path: str) -> OpenedFolder:
+        """
+        Open the shared folder C{path} (C{""}: the root; else a relative
+        path such as C{a/b}, no slash at either end), one component at a time
+        from the root's descriptor, never through a symlink: a symlinked
+        folder is not shared as a folder, as LIST does not follow one.  A few
+        system calls, no read.  The caller must L{OpenedFolder.close} it (a
+        folder page does).
+
+        @raise NotShared: if it names nothing that is a shared folder.
+        @raise Unreadable: if it is one but cannot be opened now.
+        """
+        return OpenedFolder(path, self._folder_fd(path), self._inside, self._proc_fds)
+
+    def is_folder(self, path: str) -> bool:
+        """Whether C{path} names a shared folder (as L{open_folder} would open)."""
+        try:
+            os.close(self._folder_fd(path))
+        except (NotShared, Unreadable):
+            return False
+        return True
+
+    def _folder_fd(self, path: str) -> int:
+        try:
+            parts = split_path(path) if path else ()
+        except PathError:
+            raise NotShared(path) from None
+        try:
+            return open_folder_fd(self.root, parts)
+        except OSError as e:
+            raise _open_error(path, e) from None
 
     def walk(self, *, max_entries: int = MAX_WALK_ENTRIES, max_depth: int = MAX_WALK_DEPTH) -> FolderWalk:
         """A walk of every shared regular file; the caller must L{FolderWalk.close} it."""
