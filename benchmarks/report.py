@@ -43,7 +43,7 @@ class Row:
     target: Target
 
 
-def _ratio_target(nginx_min: float | None = None, twistd_min: float | None = None) -> Target:
+def ratio_target(nginx_min: float | None = None, twistd_min: float | None = None) -> Target:
     def check(fc: float, ng: float | None, tw: float | None) -> tuple[str, bool | None]:
         parts, ok = [], []
         if nginx_min is not None:
@@ -59,7 +59,7 @@ def _ratio_target(nginx_min: float | None = None, twistd_min: float | None = Non
     return check
 
 
-def _below(limit: float, unit: str) -> Target:
+def below(limit: float, unit: str) -> Target:
     def check(fc: float, ng: float | None, tw: float | None) -> tuple[str, bool | None]:
         return f"< {limit:g} {unit}", fc < limit
 
@@ -69,17 +69,17 @@ def _below(limit: float, unit: str) -> Target:
 W4_RSS_LIMIT = CACHE_BYTES / 2**20 + 60 + 200 * 256 / 1024
 
 ROWS = [
-    Row(1, "requests/s", "rps", True, "{:,.0f}", _ratio_target(0.6, 8)),
-    Row(1, "p99 latency ms", "p99", False, "{:.2f}", _below(5, "ms")),
-    Row(2, "MB/s", "mbps", True, "{:,.0f}", _ratio_target(1.0)),
-    Row(3, "MB/s", "mbps", True, "{:,.0f}", _ratio_target(0.9)),
-    Row(4, "aggregate MB/s", "mbps", True, "{:,.0f}", _ratio_target(0.8)),
-    Row(4, "peak RSS MiB", "rss", False, "{:,.0f}", _below(W4_RSS_LIMIT, "MiB")),
-    Row(5, "requests/s", "rps", True, "{:,.0f}", _ratio_target(None, 5)),
-    Row(6, "seconds", "seconds", False, "{:.3f}", _below(1, "s")),
-    Row(6, "peak RSS MiB", "rss", False, "{:,.0f}", _below(100, "MiB")),
-    Row(7, "requests/s", "rps", True, "{:,.0f}", _ratio_target(0.6, 8)),
-    Row(7, "p99 latency ms", "p99", False, "{:.2f}", _below(5, "ms")),
+    Row(1, "requests/s", "rps", True, "{:,.0f}", ratio_target(0.6, 8)),
+    Row(1, "p99 latency ms", "p99", False, "{:.2f}", below(5, "ms")),
+    Row(2, "MB/s", "mbps", True, "{:,.0f}", ratio_target(1.0)),
+    Row(3, "MB/s", "mbps", True, "{:,.0f}", ratio_target(0.9)),
+    Row(4, "aggregate MB/s", "mbps", True, "{:,.0f}", ratio_target(0.8)),
+    Row(4, "peak RSS MiB", "rss", False, "{:,.0f}", below(W4_RSS_LIMIT, "MiB")),
+    Row(5, "requests/s", "rps", True, "{:,.0f}", ratio_target(None, 5)),
+    Row(6, "seconds", "seconds", False, "{:.3f}", below(1, "s")),
+    Row(6, "peak RSS MiB", "rss", False, "{:,.0f}", below(100, "MiB")),
+    Row(7, "requests/s", "rps", True, "{:,.0f}", ratio_target(0.6, 8)),
+    Row(7, "p99 latency ms", "p99", False, "{:.2f}", below(5, "ms")),
 ]
 
 
@@ -144,6 +144,12 @@ def machine_info(args: argparse.Namespace) -> list[tuple[str, str]]:
     ]
 
 
+def heading(info: list[tuple[str, str]]) -> list[str]:
+    """The machine, the commit and the command, as markdown lines."""
+    out = [f"- {k}: {v}" for k, v in info]
+    return out + ["", "Command: `" + " ".join(["python3", "benchmarks/run.py", *sys.argv[1:]]) + "`", ""]
+
+
 def render(
     results: dict[int, dict[str, Run]],
     names: list[str],
@@ -151,9 +157,7 @@ def render(
     info: list[tuple[str, str]],
 ) -> str:
     titles = {w.number: w.title for w in WORKLOADS}
-    out = ["# filecache benchmark", ""]
-    out += [f"- {k}: {v}" for k, v in info]
-    out += ["", "Command: `" + " ".join(["python3", "benchmarks/run.py", *sys.argv[1:]]) + "`", ""]
+    out = ["# filecache benchmark", ""] + heading(info)
     col = {FILECACHE: "filecache", NGINX: "nginx", TWISTD_WEB: "twistd web"}
     head = (
         ["workload", "metric"]

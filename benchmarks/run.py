@@ -3,9 +3,11 @@
 The filecache benchmark: one command that builds the load generator, makes the
 data set, starts nginx, twistd web and filecache on the same folder, runs every
 workload against each of them in turn and prints a markdown table with the
-filecache/nginx and filecache/twistd-web ratios.  See benchmarks/README.md.
+filecache/nginx and filecache/twistd-web ratios.  With --http (or --only H1,...)
+it runs issue 10's HTTP workloads under wrk, python3 -m http.server and rclone
+serve http joining in.  See benchmarks/README.md.
 
-    python3 benchmarks/run.py [--quick] [--workers N] [--only 1,4] [--write]
+    python3 benchmarks/run.py [--quick] [--workers N] [--only 1,4] [--http] [--write]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Run as a script, Python puts benchmarks/ on the path, not the checkout that
@@ -25,9 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.clients import build_loadgen
 from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK, make_dataset
+from benchmarks.httpreport import merge_results, render_http
+from benchmarks.httpworkloads import HTTP_WORKLOADS
 from benchmarks.processes import LOOPBACK, Processes, exit_status, tail
 from benchmarks.report import machine_info, render
-from benchmarks.servers import FILECACHE, SERVER_NAMES, filecache_options, make_servers
+from benchmarks.servers import (
+    FILECACHE,
+    SERVER_CHOICES,
+    SERVER_NAMES,
+    Server,
+    filecache_options,
+    make_servers,
+)
 from benchmarks.workloads import TIMED, WORKLOADS, Context, Run, median_run
 
 HERE = Path(__file__).resolve().parent
@@ -46,13 +58,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="passed to the filecache daemon as --workers N (N or auto)",
     )
     p.add_argument(
-        "--only", type=str, default="", help="comma-separated workload numbers to run, e.g. 1,4"
+        "--only",
+        type=str,
+        default="",
+        help="comma-separated workloads to run: native numbers and HTTP names, e.g. 1,4 or H1,H4",
+    )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="run the HTTP workloads H1-H4 (issue 10), under wrk; alone, only those",
+    )
+    p.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=None,
+        help="wrk threads for H1 and H4 (default 1; H2 and H3 have one connection)",
     )
     p.add_argument(
         "--servers",
         type=str,
-        default=",".join(SERVER_NAMES),
-        help=f"comma-separated subset of {','.join(SERVER_NAMES)}",
+        default=",".join(SERVER_CHOICES),
+        help=f"comma-separated subset of {','.join(SERVER_CHOICES)} "
+        "(the native workloads use the first three)",
     )
     p.add_argument(
         "--loadgen-threads",
@@ -87,16 +114,68 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.duration is None:
         args.duration = 2.0 if args.quick else 8.0
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = set(args.servers) - set(SERVER_NAMES)
+    unknown = set(args.servers) - set(SERVER_CHOICES)
     if unknown:
         p.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    # args.only: the native workloads' numbers; args.http: the HTTP workloads' names.
+    names = [x.strip().upper() for x in args.only.split(",") if x.strip()]
+    http_names = [w.name for w in HTTP_WORKLOADS]
+    # --http alone: all of them; --only naming some: those.
+    every_http = args.http and not set(names) & set(http_names)
+    args.http = [n for n in http_names if every_http or n in names]
     try:
-        args.only = {int(x) for x in args.only.split(",") if x.strip()} or {
-            w.number for w in WORKLOADS
-        }
+        native = {int(x) for x in names if x not in http_names}
     except ValueError:
-        p.error("--only takes workload numbers, e.g. 1,4")
+        p.error(f"--only takes workload numbers and names ({', '.join(http_names)}), e.g. 1,4,H1")
+    if not names and not args.http:
+        native = {w.number for w in WORKLOADS}
+    args.only = native
     return args
+
+
+def measure(
+    ctx: Context,
+    key: str,
+    title: str,
+    run_one: Callable[[Context, Server], Run],
+    names: tuple[str, ...],
+    rounds: int,
+) -> dict[str, Run]:
+    """
+    One workload against each of its servers, for C{rounds} rounds with the
+    servers taking turns, so that a noisy moment hits no server alone; each
+    server's figures are the medians of its rounds.  A server found dead is
+    restarted first.
+    """
+    procs, servers = ctx.procs, ctx.servers
+    per: dict[str, Run] = {}
+    runs: dict[str, list[Run]] = {}
+    for s in [s for _ in range(rounds) for s in servers.values() if s.name in names]:
+        if not s.alive():
+            code = exit_status(s.proc) if s.proc else None
+            note = f"{s.name} had exited (status {code}) before workload {key}; restarted"
+            say("  " + note + ":\n" + tail(s.log))
+            s.restarts.append(note)
+            s.stop(procs)
+            s.start(procs)
+        say(f"[{key}] {title}: {s.name}...")
+        try:
+            run = run_one(ctx, s)
+        except (BenchError, OSError, ValueError) as e:
+            run = Run().fail(f"{type(e).__name__}: {e}")
+        if not s.alive():
+            run.fail(
+                (run.error + "; " if run.error else "")
+                + f"{s.name} exited during the workload:\n{tail(s.log)}"
+            )
+        runs.setdefault(s.name, []).append(run)
+        per[s.name] = median_run(runs[s.name])
+        shown = ", ".join(f"{k} {v:,.2f}" for k, v in run.values.items())
+        say(
+            f"    {shown or 'no figure'}"
+            + (f"  [errors {run.errors}: {run.error}]" if run.error else "")
+        )
+    return per
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -111,6 +190,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, _raise_interrupt)
     procs = Processes()
     results: dict[int, dict[str, Run]] = {}
+    http_results: dict[str, dict[str, Run]] = {}
     started = time.monotonic()
     try:
         build_loadgen()
@@ -131,50 +211,24 @@ def main(argv: list[str]) -> int:
             say(f"  {s.name}: pid {s.pid}, {LOOPBACK}:{s.port}, log {s.log}")
         ctx = Context(args, procs, ds, servers, logs)
         for w in WORKLOADS:
-            if w.number not in args.only:
-                continue
-            results[w.number] = {}
-            rounds: dict[str, list[Run]] = {}
-            # Workloads alternate the servers for several rounds and keep each
-            # figure's median: a noisy moment then hits no server alone.
-            for s in [
-                s
-                for _ in range(args.rounds if w.number in TIMED else 1)
-                for s in servers.values()
-            ]:
-                if s.name not in w.servers:
-                    continue
-                if not s.alive():
-                    code = exit_status(s.proc) if s.proc else None
-                    note = (
-                        f"{s.name} had exited (status {code}) before workload {w.number}; restarted"
-                    )
-                    say("  " + note + ":\n" + tail(s.log))
-                    s.restarts.append(note)
-                    s.stop(procs)
-                    s.start(procs)
-                say(f"[{w.number}] {w.title}: {s.name}...")
-                try:
-                    run = w.run(ctx, s)
-                except (BenchError, OSError, ValueError) as e:
-                    run = Run().fail(f"{type(e).__name__}: {e}")
-                if not s.alive():
-                    run.fail(
-                        (run.error + "; " if run.error else "")
-                        + f"{s.name} exited during the workload:\n{tail(s.log)}"
-                    )
-                rounds.setdefault(s.name, []).append(run)
-                results[w.number][s.name] = median_run(rounds[s.name])
-                shown = ", ".join(f"{k} {v:,.2f}" for k, v in run.values.items())
-                say(
-                    f"    {shown or 'no figure'}"
-                    + (f"  [errors {run.errors}: {run.error}]" if run.error else "")
+            if w.number in args.only:
+                rounds = args.rounds if w.number in TIMED else 1
+                results[w.number] = measure(ctx, str(w.number), w.title, w.run, w.servers, rounds)
+        for hw in HTTP_WORKLOADS:
+            if hw.name in args.http:
+                http_results[hw.name] = measure(
+                    ctx, hw.name, hw.title, hw.run, hw.servers, args.rounds
                 )
         info = machine_info(args)
-        report = render(results, list(servers), args, info)
-        for s in servers.values():
-            for note in s.restarts:
-                report += f"- {note}\n"
+        native = None
+        if results:
+            native = render(results, [n for n in servers if n in SERVER_NAMES], args, info)
+            for s in servers.values():
+                for note in s.restarts:
+                    if "workload H" not in note:
+                        native += f"- {note}\n"
+        http = render_http(http_results, servers, args, info) if http_results else None
+        report = "\n".join(x for x in (native or "# filecache benchmark\n", http) if x)
         raw = {
             "info": dict(info),
             "results": {
@@ -184,11 +238,19 @@ def main(argv: list[str]) -> int:
                 }
                 for w, per in results.items()
             },
+            "http_results": {
+                w: {
+                    n: {"values": r.values, "errors": r.errors, "error": r.error, "raw": r.raw}
+                    for n, r in per.items()
+                }
+                for w, per in http_results.items()
+            },
         }
         (WORK / "results.json").write_text(json.dumps(raw, indent=1) + "\n")
         sys.stdout.write(report)
         if args.write:
-            (HERE / "results.md").write_text(report)
+            md = HERE / "results.md"
+            md.write_text(merge_results(md.read_text() if md.exists() else "", native, http))
             say(f"wrote {HERE / 'results.md'}")
         say(f"done in {time.monotonic() - started:.0f} s; raw figures in {WORK / 'results.json'}")
         return 0

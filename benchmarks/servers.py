@@ -1,6 +1,7 @@
 """
-The three servers measured (filecache, nginx, twistd web): their command lines,
-nginx's configuration, and Server, which starts one and waits until it listens.
+The servers measured (filecache, nginx, twistd web, and for HTTP http.server and
+rclone): their command lines, nginx's two configurations, and Server, which
+starts one and waits until it listens.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import datetime
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,15 @@ MAX_PER_IP = 1024
 FILECACHE = "filecache"
 NGINX = "nginx"
 TWISTD_WEB = "twistd-web"
-SERVER_NAMES = (FILECACHE, NGINX, TWISTD_WEB)
+SERVER_NAMES = (FILECACHE, NGINX, TWISTD_WEB)  # the native workloads'
+# The HTTP workloads' (issue 10).  nginx-http is nginx with issue 10's
+# configuration (open_file_cache on); --servers nginx selects either.
+NGINX_HTTP = "nginx-http"
+HTTP_SERVER = "http.server"
+RCLONE = "rclone"
+HTTP_SERVER_NAMES = (FILECACHE, NGINX_HTTP, TWISTD_WEB, HTTP_SERVER, RCLONE)
+# What --servers takes.
+SERVER_CHOICES = (FILECACHE, NGINX, TWISTD_WEB, HTTP_SERVER, RCLONE)
 
 
 def wait_workers(log: Path, offset: int, workers: str, timeout: float = 30) -> None:
@@ -54,6 +64,7 @@ class Server:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[str] = field(default_factory=list)
+    config: Path | None = None  # a configuration file written for it, shown in the report
 
     @property
     def pid(self) -> int:
@@ -160,7 +171,7 @@ http {{
     tcp_nodelay on;
     keepalive_requests 1000000000;
     keepalive_timeout 600s;
-    open_file_cache off;
+    open_file_cache {open_file_cache};
     default_type application/octet-stream;
     client_body_temp_path {prefix}/client_body;
     proxy_temp_path {prefix}/proxy;
@@ -179,12 +190,92 @@ http {{
 """
 
 
+def http_server_argv(port: int, folder: Path) -> list[str]:
+    """python3 -m http.server as a user starts it: its defaults (HTTP/1.0, so a connection per request)."""
+    return [
+        sys.executable,
+        "-m",
+        "http.server",
+        str(port),
+        "--bind",
+        LOOPBACK,
+        "--directory",
+        str(folder),
+    ]
+
+
+def rclone_argv(port: int, folder: Path, work: Path) -> list[str]:
+    """rclone serve http, read-only, with its configuration and cache under C{work}."""
+    rclone = shutil.which("rclone")
+    assert rclone is not None
+    return [
+        rclone,
+        "serve",
+        "http",
+        str(folder),
+        "--addr",
+        f"{LOOPBACK}:{port}",
+        "--read-only",
+        "--config",
+        str(work / "rclone" / "rclone.conf"),
+        "--cache-dir",
+        str(work / "rclone" / "cache"),
+    ]
+
+
+def nginx_server(
+    name: str, nginx: str, ds: DataSet, open_file_cache: str, logs: Path, work: Path
+) -> Server:
+    """nginx in the foreground, with a configuration and prefix of its own under C{work}/C{name}."""
+    prefix = work / name
+    if prefix.exists():
+        shutil.rmtree(prefix)
+    prefix.mkdir(parents=True)
+    conf_template = NGINX_CONF.format(
+        prefix=prefix,
+        addr=LOOPBACK,
+        root=ds.root,
+        listdir=ds.listdir,
+        open_file_cache=open_file_cache,
+    )
+    conf = prefix / "nginx.conf"
+
+    def nginx_argv(port: int) -> list[str]:
+        conf.write_text(conf_template.replace("{port}", str(port)))
+        # -e: the error log before the configuration is read.
+        return [
+            nginx,
+            "-p",
+            str(prefix),
+            "-e",
+            str(prefix / "error.log"),
+            "-c",
+            str(conf),
+            "-g",
+            "daemon off;",
+        ]
+
+    return Server(name, "http", nginx_argv, logs / f"{name}.log", config=conf)
+
+
 def make_servers(
     ds: DataSet, args: argparse.Namespace, logs: Path, work: Path
 ) -> dict[str, Server]:
-    """The servers to measure; every file they write is under C{work} or C{logs}."""
+    """
+    The servers the selected workloads measure (args.only: native workload
+    numbers, args.http: HTTP workload names), those of args.servers; every
+    file they write is under C{work} or C{logs}.
+    """
     servers: dict[str, Server] = {}
-    wanted = args.servers
+    wanted = set(args.servers)
+    needed: set[str] = set()
+    if args.only:
+        needed.update(SERVER_NAMES)
+    if getattr(args, "http", None):
+        needed.update(HTTP_SERVER_NAMES)
+    if NGINX in wanted:
+        wanted.add(NGINX_HTTP)
+    wanted &= needed
 
     if FILECACHE in wanted:
         servers[FILECACHE] = Server(
@@ -194,36 +285,14 @@ def make_servers(
             logs / "filecache.log",
         )
 
-    if NGINX in wanted:
-        nginx = find_nginx()
-        if nginx is None:
-            say("nginx not installed: apt-get install -y nginx")
-        else:
-            prefix = work / "nginx"
-            if prefix.exists():
-                shutil.rmtree(prefix)
-            prefix.mkdir(parents=True)
-            conf_template = NGINX_CONF.format(
-                prefix=prefix, addr=LOOPBACK, root=ds.root, listdir=ds.listdir
-            )
-            conf = prefix / "nginx.conf"
-
-            def nginx_argv(port: int) -> list[str]:
-                conf.write_text(conf_template.replace("{port}", str(port)))
-                # -e: the error log before the configuration is read.
-                return [
-                    nginx,
-                    "-p",
-                    str(prefix),
-                    "-e",
-                    str(prefix / "error.log"),
-                    "-c",
-                    str(conf),
-                    "-g",
-                    "daemon off;",
-                ]
-
-            servers[NGINX] = Server(NGINX, "http", nginx_argv, logs / "nginx.log")
+    nginx = find_nginx()
+    if nginx is None and wanted & {NGINX, NGINX_HTTP}:
+        say("nginx not installed: apt-get install -y nginx")
+    if nginx is not None and NGINX in wanted:
+        servers[NGINX] = nginx_server(NGINX, nginx, ds, "off", logs, work)
+    if nginx is not None and NGINX_HTTP in wanted:
+        # Issue 10: nginx as a user tuning it for static files deploys it.
+        servers[NGINX_HTTP] = nginx_server(NGINX_HTTP, nginx, ds, "max=10000", logs, work)
 
     if TWISTD_WEB in wanted:
         servers[TWISTD_WEB] = Server(
@@ -232,4 +301,23 @@ def make_servers(
             lambda port: twistd_web_argv(port, ds.root, logs / "twistd-web-access.log"),
             logs / "twistd-web.log",
         )
+
+    if HTTP_SERVER in wanted:
+        servers[HTTP_SERVER] = Server(
+            HTTP_SERVER,
+            "http",
+            lambda port: http_server_argv(port, ds.root),
+            logs / "http.server.log",
+        )
+
+    if RCLONE in wanted:
+        if shutil.which("rclone") is None:
+            say("rclone not installed (apt-get install -y rclone): measured without it")
+        else:
+            (work / "rclone").mkdir(parents=True, exist_ok=True)
+            conf = work / "rclone" / "rclone.conf"
+            conf.touch()  # empty: no remotes, a local folder is served
+            servers[RCLONE] = Server(
+                RCLONE, "http", lambda port: rclone_argv(port, ds.root, work), logs / "rclone.log"
+            )
     return servers
