@@ -25,6 +25,8 @@ from benchmarks.run import parse_args
 from benchmarks.servers import (
     FILECACHE,
     NGINX,
+    NGINX_HTTP,
+    RCLONE,
     TWISTD_WEB,
     Server,
     filecache_options,
@@ -63,11 +65,14 @@ def work(tmp_path: Path) -> Path:
 
 
 def _servers(work: Path, filecache_help: str) -> dict[str, Server]:
-    """The servers as the benchmark's main() makes them, in a work folder of our own."""
+    """
+    The servers as the benchmark's main() makes them for a run of every
+    workload, native and HTTP, in a work folder of our own.
+    """
     ds = DataSet(
         work / "data", work / "listdir", work / "lists" / "small.txt", work / "lists" / "cold.txt"
     )
-    args = parse_args([])
+    args = parse_args(["--only", "1,2,3,4,5,6,7", "--http"])
     args.filecache_help = filecache_help
     return make_servers(ds, args, work / "logs", work)
 
@@ -82,9 +87,10 @@ def _access_log(argv: list[str]) -> Path | None:
 
 def test_no_server_is_given_a_device_path(work: Path) -> None:
     """
-    No command line the benchmark builds for a server (filecache, nginx,
-    twistd web, and twistd web on the listing folder) names a device: twistd
-    rotates a log file by renaming it, and /dev/null was renamed away that way.
+    No command line the benchmark builds for a server (filecache, both
+    nginx configurations, twistd web, http.server, rclone, and twistd web on
+    the listing folder) names a device: twistd rotates a log file by renaming
+    it, and /dev/null was renamed away that way.
     """
     servers = _servers(work, filecache_help="")
     argvs = {name: server.argv(5000) for name, server in servers.items()}
@@ -145,7 +151,9 @@ def processes() -> Iterator[Processes]:
 
 
 @pytest.mark.system
-@pytest.mark.parametrize("name", ["filecache", "nginx", "twistd-web"])
+@pytest.mark.parametrize(
+    "name", ["filecache", "nginx", "nginx-http", "twistd-web", "http.server", "rclone"]
+)
 def test_server_leaves_dev_null_a_character_device(
     work: Path, processes: Processes, name: str
 ) -> None:
@@ -164,8 +172,9 @@ def test_server_leaves_dev_null_a_character_device(
     help_text = filecache_options() if name == FILECACHE else ""
     servers = _servers(work, filecache_help=help_text)
     if name not in servers:
-        assert name == NGINX
-        pytest.skip("nginx is not installed (apt-get install -y nginx): its part is not checked")
+        assert name in (NGINX, NGINX_HTTP, RCLONE)
+        package = "rclone" if name == RCLONE else "nginx"
+        pytest.skip(f"{package} is not installed (apt-get install -y {package}): not checked")
     server = servers[name]
     server.argv = _refuse_devices(server.argv)
     server.start(processes)
