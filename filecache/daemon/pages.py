@@ -202,8 +202,8 @@ class FolderPage(SteppedBody[tuple[int, bytes] | None]):
                 tail = b"</tbody>\n</table>\n</body>\n</html>\n"
             else:
                 tail = b"\n]\n" if self._any else b"]\n"
-            last = self._frame(self._head() + tail)
-            self._finish(last + LAST_CHUNK if self._chunked else last, None)
+            self._write(self._frame(self._head() + tail))
+            self._finish(LAST_CHUNK if self._chunked else b"", None)
             return
         count, data = result
         self._rows += count
