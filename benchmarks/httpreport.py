@@ -6,6 +6,7 @@ ratios, nginx's configuration, and that section's place in results.md.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -157,7 +158,19 @@ def render_http(
             ),
         )
     )
-    out = [BEGIN, "## HTTP (issue 10)", ""] + heading(info)
+    info.append(
+        ("load average (1, 5, 15 min) at the end", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    )
+    out = [BEGIN, "## HTTP (issue 10)", ""]
+    if args.duration < 8 or args.rounds < 3:
+        out += [
+            (
+                f"**A short run** ({max(1, round(args.duration))} s per timed run, {args.rounds} "
+                "round(s)): a smoke test of the harness, not figures to quote."
+            ),
+            "",
+        ]
+    out += heading(info)
     out += ["Workloads:", ""] + [f"- {w}: {titles[w]}" for w in titles if w in results] + [""]
     out += _table(results, names)
     out += [
