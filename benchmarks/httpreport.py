@@ -223,4 +223,6 @@ def merge_results(old: str, native: str | None, http: str | None) -> str:
     after = rest.partition(END)[2] if marker else ""
     native_part = native if native is not None else before + after.lstrip("\n")
     http_part = http if http is not None else old_http
-    return native_part.rstrip("\n") + "\n\n" + http_part if http_part else native_part
+    if not native_part.strip() or not http_part:
+        return http_part or native_part
+    return native_part.rstrip("\n") + "\n\n" + http_part
