@@ -133,17 +133,28 @@ def test_no_timeout_when_zero(tmp_path: Path) -> None:
 
 
 def test_max_connections_and_per_address(tmp_path: Path) -> None:
-    """One over max_per_ip or max_connections gets ERR busy and is closed; a slot freed is reused."""
+    """
+    One over max_per_ip or max_connections gets ERR busy and is closed; a
+    slot freed is reused.  With HTTP served too, the refusal answers the
+    first line (docs/http.md); with --no-http, it comes at once.
+    """
     clock = Clock()
     factory = make_factory(tmp_path, clock, max_connections=3, max_per_ip=2)
     a1 = connect(factory, "10.0.0.1", 1)
     connect(factory, "10.0.0.1", 2)
-    _, over = connect(factory, "10.0.0.1", 3)
+    refused, over = connect(factory, "10.0.0.1", 3)
+    refused.dataReceived(b"GET a.txt\r\n")
     assert over.value() == b"ERR busy too many connections from your address; try again later\r\n"
     assert over.disconnecting
     connect(factory, "10.0.0.2", 1)
     _, full = connect(factory, "10.0.0.3", 1)
+    assert full.value() == b""
+    clock.advance(1)  # no line within a second: refused natively
     assert full.value() == b"ERR busy too many connections; try again later\r\n"
+    native_only = make_factory(tmp_path, clock, max_connections=1, http=False)
+    connect(native_only, "10.0.0.1", 1)
+    _, at_once = connect(native_only, "10.0.0.1", 2)
+    assert at_once.value() == b"ERR busy too many connections; try again later\r\n"
     assert factory.admission.connections_active == 3
     # FileCacheProtocol.connectionLost defaults its reason to None, but
     # declares it a Failure, as Protocol does.
@@ -209,7 +220,7 @@ def test_workers_get_every_option_from_the_config(tmp_path: Path) -> None:
     worker = Options()
     worker.parseOptions([*parent.to_argv(), "--inherit-fd", "5:2", "--worker-index", "2"])
     assert worker.config == replace(
-        parent, port=worker.config.port, port_text=worker.config.port_text, workers=1,
-        inherit_fd=(5, 2), worker_index=2,
+        parent, ports=worker.config.ports, port_texts=worker.config.port_texts, workers=1,
+        inherit_fds=((5, 2),), worker_index=2,
     )
     assert worker.config.cache_size == 3 << 20 and worker.config.access_log is False

@@ -515,7 +515,8 @@ def test_stats_keys_and_counters(root: Path) -> None:
     zero = {
         "cache_bytes": 0, "cache_capacity": 1000, "cache_files": 0, "hits": 0,
         "misses": 0, "evictions": 0, "connections_active": 1, "connections_total": 1,
-        "bytes_sent": 0, "requests": 1, "uptime_seconds": 0, "worker": 0, "pid": os.getpid(),
+        "bytes_sent": 0, "requests": 1, "http_requests": 0, "uptime_seconds": 0, "worker": 0,
+        "pid": os.getpid(),
     }
     assert first == zero
     assert second == dict(zero, cache_bytes=4, cache_files=1, hits=1, misses=1,
@@ -1003,7 +1004,7 @@ def test_line_of_exactly_4096_bytes_is_served(root: Path) -> None:
 
     out = ask(proto, transport, line + b"\r\nSTATS\r\n")
 
-    assert out.startswith(get_reply(data, version_of(path)) + b"OK 14\r\n")
+    assert out.startswith(get_reply(data, version_of(path)) + b"OK 15\r\n")
     assert transport.disconnecting is False
 
 

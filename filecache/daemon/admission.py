@@ -12,11 +12,19 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from filecache import wire
+from filecache.daemon.httphead import (
+    MAX_HEADER_LINE,
+    DateCache,
+    error_response,
+    is_request_line,
+    starts_like_http,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -64,17 +72,90 @@ class Connection(TypingProtocol):
         """Whether a reply is under way (the drain lets it finish)."""
 
 
+REFUSAL_WAIT = 1.0
+"""Seconds a refused connection is given to send its first line, so that it
+is refused in its own protocol (HTTP or native)."""
+
+REFUSALS_WAITING = 64
+"""Refused connections waiting for their first line at once, at most; past
+this, a refusal is the native one at once."""
+
+
 class Refusal(Protocol):
-    """Says C{ERR busy ...} and hangs up: the answer past a connection limit."""
+    """
+    The answer past a connection limit, then hang up: C{ERR busy ...} at
+    once; or, with C{waiting} (HTTP is served too), in the protocol of the
+    connection's first line once it arrives: C{503} for HTTP, C{ERR busy}
+    otherwise (and after L{REFUSAL_WAIT} seconds without one).
+    """
 
     transport: ITransport
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, waiting: _Waiting | None = None) -> None:
         self._message = message
+        self._waiting = waiting
+        self._buffer = b""
+        self._timer: IDelayedCall | None = None
+        self._answered = False
 
     def connectionMade(self) -> None:
-        self.transport.write(wire.format_error(wire.BUSY, self._message))
+        waiting = self._waiting
+        if waiting is None or waiting.count >= REFUSALS_WAITING:
+            self._answer(http=False)
+            return
+        waiting.count += 1
+        self._timer = waiting.clock.callLater(REFUSAL_WAIT, self._answer, False)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._answered:
+            return
+        self._buffer += data
+        line, newline, _ = self._buffer.partition(b"\n")
+        if newline:
+            self._answer(is_request_line(line))
+        elif len(self._buffer) > MAX_HEADER_LINE:
+            self._answer(starts_like_http(self._buffer))
+
+    def _answer(self, http: bool) -> None:
+        if self._answered:
+            return
+        self._answered = True
+        self._stop_waiting()
+        if http:
+            assert self._waiting is not None
+            self.transport.write(
+                error_response(
+                    503,
+                    self._message,
+                    date=self._waiting.dates.now(),
+                    close=True,
+                    extra=[("Retry-After", "1")],
+                )
+            )
+        else:
+            self.transport.write(wire.format_error(wire.BUSY, self._message))
         self.transport.loseConnection()
+
+    def _stop_waiting(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            assert self._waiting is not None
+            self._waiting.count -= 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._answered = True
+        self._stop_waiting()
+
+
+class _Waiting:
+    """The refused connections waiting for their first line, and the clock they wait on."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.dates = DateCache(clock.seconds)
+        self.count = 0
 
 
 def _host_of(connection: Connection) -> str:
@@ -98,8 +179,10 @@ class Admission:
         max_connections: int = 1024,
         max_per_ip: int = 64,
         allow: Sequence[Network] | None = None,
+        http: bool = False,
     ) -> None:
         self._clock = clock
+        self._waiting = _Waiting(clock) if http else None
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.allow = list(allow) if allow is not None else None
@@ -138,9 +221,9 @@ class Admission:
                 self._log.warn("refused connection from {host}: not in --allow", host=host)
             return None
         if self.connections_active >= self.max_connections:
-            return Refusal("too many connections; try again later")
+            return Refusal("too many connections; try again later", self._waiting)
         if self._per_host[host or "local"] >= self.max_per_ip:
-            return Refusal("too many connections from your address; try again later")
+            return Refusal("too many connections from your address; try again later", self._waiting)
         return make()
 
     def opened(self, connection: Connection) -> None:

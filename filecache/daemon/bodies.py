@@ -27,13 +27,16 @@ class Sent:
     How a body's transfer ended, when every byte went out.
 
     @ivar digest: SHA-256 of the body, for the line that closes the reply;
-        C{None} if the file changed while it was sent, and the reply must be
-        cut off rather than closed.
+        C{None} if the file changed while it was sent, or if the body was
+        sent without hashing it (L{DiskBody} with C{hashed=False}).
     @ivar sent: the body bytes handed to the kernel.
+    @ivar changed: the file changed while it was sent: the reply must be
+        cut off rather than closed.
     """
 
     digest: str | None
     sent: int
+    changed: bool = False
 
 
 class Body(Protocol):
@@ -75,13 +78,24 @@ class Stores:
 
 
 class MemoryBody:
-    """C{data[start:]}, sent from memory, with its digest known."""
+    """
+    C{data[start:end]}, sent from memory; C{digest} is that of those bytes
+    (or C{None} for a range whose digest nobody asked for).
+    """
 
-    def __init__(self, data: bytes | bytearray, start: int, digest: str, count_sent: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        data: bytes | bytearray,
+        start: int,
+        digest: str | None,
+        count_sent: Callable[[int], None],
+        end: int | None = None,
+    ) -> None:
         self.data = data
         self.start = start
+        self.end = len(data) if end is None else end
         self.digest = digest
-        self.length = len(data) - start
+        self.length = self.end - start
         self._count_sent = count_sent
 
     def send(self, consumer: Any, on_progress: Callable[[], object] = _nothing) -> Deferred[Sent]:
@@ -89,9 +103,9 @@ class MemoryBody:
             self._count_sent(count)
             return Sent(self.digest, count)
 
-        return send_memory(consumer, self.data, self.start, on_progress=on_progress).addCallbacks(
-            sent, self._failed
-        )
+        return send_memory(
+            consumer, self.data, self.start, end=self.end, on_progress=on_progress
+        ).addCallbacks(sent, self._failed)
 
     def _failed(self, reason: Failure) -> Failure:
         if isinstance(reason.value, TransferFailed):
@@ -105,9 +119,10 @@ class MemoryBody:
 class DiskBody:
     """
     C{length} bytes of an open file from C{start}.  With the whole file's
-    digest known the kernel may copy it (C{sendfile}); otherwise its bytes
-    are read, hashed and, with C{fill}, kept for the cache, whose room was
-    reserved for them.
+    digest known, or with C{hashed} false (nobody needs the digest of these
+    bytes: an HTTP range), the kernel may copy it (C{sendfile}); otherwise
+    its bytes are read, hashed and, with C{fill}, kept for the cache, whose
+    room was reserved for them.
     """
 
     def __init__(
@@ -118,12 +133,15 @@ class DiskBody:
         digest: str | None,
         fill: bool,
         stores: Stores,
+        *,
+        hashed: bool = True,
     ) -> None:
         self.opened = opened
         self.start = start
         self.length = length
         self.digest = digest
         self.fill = fill
+        self.hashed = hashed
         self._stores = stores
         self._released = False
 
@@ -133,7 +151,7 @@ class DiskBody:
             self.opened.fd,
             self.start,
             self.length,
-            digest_known=self.digest is not None,
+            digest_known=self.digest is not None or not self.hashed,
             collect=self.fill,
             on_progress=on_progress,
         )
@@ -149,7 +167,7 @@ class DiskBody:
             self.discard()
         if not current:
             stores.cache.discard(opened.path)
-            return Sent(None, result.sent)
+            return Sent(None, result.sent, changed=True)
         digest = self.digest or result.digest
         if self.start == 0 and digest is not None:
             stores.digests.put(opened.stat.version, digest)
@@ -174,3 +192,54 @@ class DiskBody:
         if self.fill:
             self._stores.filling.discard(self.opened.path)
             self._stores.cache.release(self.opened.stat.size)
+
+
+@dataclass
+class FileAnswer:
+    """
+    A shared file found for a protocol that chooses its own byte range (the
+    HTTP adapter): what is known of it, and the bodies it can be sent as.
+    Exactly one of C{data} (the whole content, in memory) and C{opened} (an
+    open file, which the owner must hand to a body or L{close}) is set.
+
+    @ivar digest: SHA-256 of the whole file if known now, else C{None}.
+    @ivar cache: C{"hit"} or C{"miss"}, for the access log.
+    @ivar entry: the cache entry the content came from (its identity tells
+        a kept response built from it whether it is still this version).
+    """
+
+    path: str
+    size: int
+    version: str
+    mtime: int
+    digest: str | None
+    cache: str
+    stores: Stores
+    data: bytes | bytearray | None = None
+    opened: OpenedFile | None = None
+    entry: CacheEntry | None = None
+
+    def body(self, start: int, end: int) -> MemoryBody | DiskBody:
+        """
+        The body of bytes C{start} to C{end} (exclusive).  A whole file not
+        in memory is kept for the cache as it is sent, if there is room;
+        every other body from disk goes out by C{sendfile}, unhashed.
+        """
+        whole = start == 0 and end == self.size
+        if self.data is not None:
+            return MemoryBody(self.data, start, self.digest if whole else None, self.stores.count_sent, end)
+        opened, self.opened = self.opened, None
+        assert opened is not None, "a body was already made of this file"
+        fill = whole and self.stores.reserve_fill(self.path, self.size)
+        digest = self.digest if whole else None
+        return DiskBody(opened, start, end - start, digest, fill, self.stores, hashed=fill)
+
+    def count_sent(self, count: int) -> None:
+        """C{count} body bytes went out without a body object (written whole with the head)."""
+        self.stores.count_sent(count)
+
+    def close(self) -> None:
+        """No body will be sent (C{HEAD}, C{304}, an error): release the file."""
+        opened, self.opened = self.opened, None
+        if opened is not None:
+            opened.close()

@@ -52,7 +52,7 @@ def _option(name: str) -> Any:
 
 # Fields a worker never gets from its parent's argv: the listener is the
 # parent's, and the worker's own number and socket are added by the pool.
-_NOT_FOR_WORKERS = frozenset({"port", "port_text", "workers", "inherit_fd", "worker_index", "allow"})
+_NOT_FOR_WORKERS = frozenset({"ports", "port_texts", "workers", "inherit_fds", "worker_index", "allow"})
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,23 @@ class DaemonConfig:
     max_per_ip: int = field(default=64, metadata=_option("--max-per-ip"))
     allow_text: str | None = field(default=None, metadata=_option("--allow"))
     access_log: bool = field(default=True, metadata=_option("--no-access-log"))
-    port: str = "tcp:5000:backlog=1024"
-    port_text: str = "tcp:5000"
+    http: bool = field(default=True, metadata=_option("--no-http"))
+    ports: tuple[str, ...] = ("tcp:5000:backlog=1024",)
+    port_texts: tuple[str, ...] = ("tcp:5000",)
     workers: int = 1
     allow: tuple[Network, ...] | None = None
-    inherit_fd: tuple[int, int] | None = None
+    inherit_fds: tuple[tuple[int, int], ...] = ()
     worker_index: int = 0
+
+    @property
+    def port(self) -> str:
+        """The first listener's endpoint description."""
+        return self.ports[0]
+
+    @property
+    def port_text(self) -> str:
+        """The first C{--port}, as given."""
+        return self.port_texts[0]
 
     def to_argv(self) -> list[str]:
         """The plugin's options that make this configuration again, for a worker."""
@@ -86,7 +97,8 @@ class DaemonConfig:
                 assert f.name in _NOT_FOR_WORKERS, f"{f.name}: no option carries it to workers"
                 continue
             value = getattr(self, f.name)
-            if f.name == "access_log":
+            if f.name in ("access_log", "http"):
+                # Flags that turn a default off.
                 if not value:
                     argv.append(option)
             elif f.name == "dir":

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from filecache import __version__, wire
-from filecache.daemon.bodies import DiskBody, MemoryBody, Stores
+from filecache.daemon.bodies import DiskBody, FileAnswer, MemoryBody, Stores
 from filecache.daemon.cache import CacheEntry, DigestStore, ICache
 from filecache.daemon.diskwork import BlockingRunner, run_now
 from filecache.daemon.folder import (
@@ -32,8 +32,11 @@ from filecache.daemon.folder import (
 )
 from filecache.daemon.hashing import Hashes
 from filecache.daemon.listing import ListBody
+from filecache.daemon.pages import FolderPage
 
 __all__ = ["BlockingRunner", "run_now"]  # where they were before diskwork.py
+
+R = TypeVar("R")
 
 BUILT_BUDGET = 8 * 1024 * 1024
 """Bytes of whole small-file replies kept ready for the next hit."""
@@ -74,6 +77,7 @@ class Counters:
 
     bytes_sent: int = 0
     requests: int = 0
+    http_requests: int = 0
 
 
 class Responder:
@@ -103,7 +107,7 @@ class Responder:
         self.counters = Counters()
         self.digests = DigestStore()
         self._run_blocking = run_blocking
-        self._stores = Stores(folder, cache, self.digests, self._count_sent)
+        self._stores = Stores(folder, cache, self.digests, self.count_sent)
         self._more_figures: list[Callable[[], list[tuple[str, int]]]] = []
         self._built: OrderedDict[str, tuple[CacheEntry, bytes]] = OrderedDict()
         self._built_bytes = 0
@@ -169,10 +173,21 @@ class Responder:
         )
 
     def _small(self, opened: OpenedFile, offset: int) -> Reply | Deferred[Reply]:
+        """A small file read whole (L{_read_small}), answered from memory."""
+
+        def answer(entry: CacheEntry) -> Reply:
+            reply = self._from_memory(entry.data, offset, entry.digest, entry.version, "miss")
+            assert isinstance(reply, Reply)  # a small body is never hashed in steps
+            return reply
+
+        return self._read_small(opened, answer)
+
+    def _read_small(self, opened: OpenedFile, then: Callable[[CacheEntry], R]) -> R | Reply | Deferred[R | Reply]:
         """
-        A small file read whole on this thread.  One that changed less than
-        C{settle} seconds ago is read again once that time has passed, and
-        both reads must agree: only then is it a whole version.
+        C{then} of the cache entry of a small file read whole on this
+        thread, and closes it.  One that changed less than C{settle} seconds
+        ago is read again once that time has passed, and both reads must
+        agree: only then is it a whole version.
         """
         try:
             data = self.folder.read_whole(opened)
@@ -183,9 +198,9 @@ class Responder:
         wait = min(self._settle, self._settle - age / 1e9)
         if wait <= 0:
             opened.close()
-            return self._read_small(opened, data, offset)
+            return then(self._keep_small(opened, data))
 
-        def again() -> Reply:
+        def again() -> R | Reply:
             try:
                 if self.folder.read_whole(opened) != data:
                     raise Unreadable(opened.path, OSError(0, "file changed while being read; try again"))
@@ -193,7 +208,7 @@ class Responder:
                 return error_reply(wire.UNAVAILABLE, f"cannot read file: {e.error.strerror}")
             finally:
                 opened.close()
-            return self._read_small(opened, data, offset)
+            return then(self._keep_small(opened, data))
 
         def cancelled(reason: Failure) -> Failure:
             opened.close()  # the client left before the second read
@@ -201,13 +216,11 @@ class Responder:
 
         return deferLater(self._reactor, wait, again).addErrback(cancelled)
 
-    def _read_small(self, opened: OpenedFile, data: bytes, offset: int) -> Reply:
+    def _keep_small(self, opened: OpenedFile, data: bytes) -> CacheEntry:
         st = opened.stat
-        digest = sha256_hex(data)
-        self.cache.insert(opened.path, CacheEntry(data, st.version, digest, st.mtime, opened.source, st.state))
-        reply = self._from_memory(data, offset, digest, st.version, "miss")
-        assert isinstance(reply, Reply)  # a small body is never hashed in steps
-        return reply
+        entry = CacheEntry(data, st.version, sha256_hex(data), st.mtime, opened.source, st.state)
+        self.cache.insert(opened.path, entry)
+        return entry
 
     def _open(self, path: str) -> OpenedFile | Reply:
         """The shared file C{path} opened, or the error reply that says why not."""
@@ -244,7 +257,7 @@ class Responder:
             # The digest of a tail: hashed in the disk threads, a step at a
             # time, never on the reactor thread.
             def hashed(tail_digest: str) -> Reply:
-                body = MemoryBody(data, start, tail_digest, self._count_sent)
+                body = MemoryBody(data, start, tail_digest, self.count_sent)
                 return Reply(status, "OK", body, cache, length)
 
             return self._hashes.of_tail(data, start).addCallback(hashed)
@@ -253,7 +266,7 @@ class Responder:
         if length <= INLINE_LIMIT:
             whole = b"".join((status, data[start:] if start else data, wire.format_end(digest)))
             return Reply(whole, "OK", None, cache, length)
-        return Reply(status, "OK", MemoryBody(data, start, digest, self._count_sent), cache, length)
+        return Reply(status, "OK", MemoryBody(data, start, digest, self.count_sent), cache, length)
 
     def _keep_built(self, path: str, entry: CacheEntry, data: bytes) -> None:
         # The whole reply to a hit, kept beside its entry (checked by
@@ -269,12 +282,65 @@ class Responder:
             _, (_, dropped) = self._built.popitem(last=False)
             self._built_bytes -= len(dropped)
 
-    def _count_sent(self, count: int) -> None:
+    # Files for protocols that pick their own ranges (HTTP)
+
+    def lookup(self, path: str) -> FileAnswer | Reply | Deferred[FileAnswer | Reply]:
+        """
+        The shared file C{path} as a L{FileAnswer}, or the error reply that
+        says why not (C{ERR not-found} or C{ERR unavailable}).  Small files
+        and hits are answered from memory, as a native C{GET} is.
+        """
+        hit = self._cached(path)
+        if hit is not None:
+            return self._answer_from(path, hit[0], "hit")
+        opened = self._open(path)
+        if isinstance(opened, Reply):
+            return opened
+        st = opened.stat
+        known = self.cache.lookup(path, st.version)
+        if known is not None:
+            opened.close()
+            return self._answer_from(path, known, "hit")
+        if st.size <= INLINE_LIMIT:
+            return self._read_small(opened, lambda entry: self._answer_from(path, entry, "miss"))
+        return FileAnswer(
+            path, st.size, st.version, st.mtime, self.digests.get(st.version), "miss", self._stores, opened=opened
+        )
+
+    def _answer_from(self, path: str, entry: CacheEntry, cache: str) -> FileAnswer:
+        return FileAnswer(
+            path,
+            len(entry.data),
+            entry.version,
+            entry.mtime,
+            entry.digest,
+            cache,
+            self._stores,
+            data=entry.data,
+            entry=entry,
+        )
+
+    def still_hit(self, path: str, entry: CacheEntry) -> bool:
+        """
+        Whether C{entry} is still C{path}'s cache entry and its file on
+        disk is still the one it was read from (counted as a hit if so): a
+        response an adapter built from it may be sent again.
+        """
+        hit = self._cached(path)
+        return hit is not None and hit[0] is entry
+
+    def count_request(self, http: bool = False) -> None:
+        """A request answered by an adapter that does not go through L{respond}."""
+        self.counters.requests += 1
+        if http:
+            self.counters.http_requests += 1
+
+    def count_sent(self, count: int) -> None:
         self.counters.bytes_sent += count
 
     def delivered(self, reply: Reply) -> None:
         """A reply without a body went out whole (its body bytes count as sent)."""
-        self._count_sent(reply.size)
+        self.count_sent(reply.size)
 
     def malformed(self, code: str, message: str) -> Reply:
         """The reply to a request line that could not be parsed (it counts as a request)."""
@@ -320,16 +386,30 @@ class Responder:
                 for path, entry in self.cache
             ]
             return Reply(wire.format_list(rows), "OK")
+        return Reply(wire.LIST_STATUS, "OK", ListBody(self.folder.walk(), self._marked, self._run_blocking))
+
+    def _marked(self, path: bytes, st: os.stat_result) -> bool:
+        """Whether the file at C{path} (UTF-8), in the state C{st}, is in the cache now."""
+        # Called in a disk thread: one dict lookup, atomic under the GIL.
         cache = self.cache
+        if not len(cache):
+            return False
+        entry = cache.peek(path.decode("utf-8"))
+        return entry is not None and entry.version == version_token(st)
 
-        def marked(path: bytes, st: os.stat_result) -> bool:
-            # Called in a disk thread: one dict lookup, atomic under the GIL.
-            if not len(cache):
-                return False
-            entry = cache.peek(path.decode("utf-8"))
-            return entry is not None and entry.version == version_token(st)
-
-        return Reply(wire.LIST_STATUS, "OK", ListBody(self.folder.walk(), marked, self._run_blocking))
+    def folder_page(self, path: str, form: str, chunked: bool) -> FolderPage | Reply:
+        """
+        The listing of the shared folder C{path} (C{""}: the root) for HTTP,
+        in C{form} (C{"html"} or C{"json"}); C{ERR not-found} if it is not
+        a shared folder.
+        """
+        try:
+            opened = self.folder.open_folder(path)
+        except NotShared:
+            return error_reply(wire.NOT_FOUND, "no such folder")
+        except Unreadable as e:
+            return error_reply(wire.UNAVAILABLE, f"cannot read folder: {e.error.strerror}")
+        return FolderPage(opened, path, form, chunked=chunked, run_blocking=self._run_blocking, marked=self._marked)
 
     def add_figures(self, source: Callable[[], list[tuple[str, int]]]) -> None:
         """Report C{source()}'s rows in STATS too (the connection figures, say)."""
@@ -349,6 +429,7 @@ class Responder:
             *more,
             ("bytes_sent", c.bytes_sent),
             ("requests", c.requests),
+            ("http_requests", c.http_requests),
             ("uptime_seconds", int(self._reactor.seconds() - self._started)),
             ("version", __version__),
             ("worker", self._worker),

@@ -44,16 +44,6 @@ class Options(usage.Options):
     )
     # Read by usage.Options from the class; never changed.
     optParameters: ClassVar[list[list[str | None]]] = [
-        [
-            "port",
-            "p",
-            "tcp:5000",
-            (
-                "Where to listen: a Twisted endpoint description (tcp:5000:"
-                "interface=127.0.0.1, unix:/run/fc.sock, ssl:5443:privateKey=..., "
-                "systemd:domain=INET:index=0) or a bare port number."
-            ),
-        ],
         ["dir", "d", None, "The folder to share (required; must exist)."],
         [
             "cache-size",
@@ -93,15 +83,6 @@ class Options(usage.Options):
             ),
         ],
         [
-            "inherit-fd",
-            None,
-            None,
-            (
-                "Internal, used by --workers: serve the listening socket FD:FAMILY "
-                "inherited from the parent instead of --port."
-            ),
-        ],
-        [
             "worker-index",
             None,
             "0",
@@ -135,9 +116,33 @@ class Options(usage.Options):
     ]
     optFlags: ClassVar[list[list[str | None]]] = [
         ["no-access-log", None, "Do not log a line for every reply."],
+        ["no-http", None, "Speak only the native protocol (no HTTP/1.1 on the same port)."],
     ]
 
     config: DaemonConfig
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["port"] = []
+        self["inherit-fd"] = []
+
+    def opt_port(self, value: str) -> None:
+        """
+        Where to listen: a Twisted endpoint description (tcp:5000:interface=
+        127.0.0.1, unix:/run/fc.sock, ssl:5443:privateKey=..., systemd:domain=
+        INET:index=0) or a bare port number. Give it again to listen on
+        several (every one speaks both protocols). Default: tcp:5000.
+        """
+        self["port"].append(value)
+
+    opt_p = opt_port
+
+    def opt_inherit_fd(self, value: str) -> None:
+        """
+        Internal, used by --workers: serve the listening socket FD:FAMILY
+        inherited from the parent instead of --port (once per port).
+        """
+        self["inherit-fd"].append(value)
 
     def postOptions(self) -> None:
         """Check every option and make L{config}; the option values are left as given."""
@@ -150,7 +155,8 @@ class Options(usage.Options):
             cache_size = parse_size(str(self["cache-size"]))
         except ValueError as e:
             raise ConfigError(f"--cache-size: {e}") from None
-        port = endpoint_description(self["port"])
+        port_texts = tuple(self["port"]) or ("tcp:5000",)
+        ports = tuple(endpoint_description(text) for text in port_texts)
         limits = {}
         for name in ("max-connections", "max-per-ip"):
             limits[name] = _number(f"--{name}", self[name], int)
@@ -166,18 +172,18 @@ class Options(usage.Options):
         workers = os.cpu_count() or 1 if text == "auto" else _number("--workers", text, int)
         if workers < 1:
             raise ConfigError("--workers must be at least 1")
-        if workers > 1 and port.split(":", 1)[0].lower() == "ssl":
+        if workers > 1 and any(port.split(":", 1)[0].lower() == "ssl" for port in ports):
             raise ConfigError(
                 "--workers with an ssl: port is not supported: run one worker, "
                 "or end TLS in front (HAProxy) and serve tcp: behind it"
             )
-        inherit_fd = None
-        if self["inherit-fd"] is not None:
+        inherit_fds = []
+        for text in self["inherit-fd"]:
             try:
-                fd, family = (int(part) for part in self["inherit-fd"].split(":"))
+                fd, family = (int(part) for part in text.split(":"))
             except ValueError:
                 raise ConfigError("--inherit-fd takes FD:FAMILY") from None
-            inherit_fd = (fd, family)
+            inherit_fds.append((fd, family))
         self.config = DaemonConfig(
             dir=directory,
             cache_size=cache_size,
@@ -187,15 +193,17 @@ class Options(usage.Options):
             max_per_ip=limits["max-per-ip"],
             allow_text=self["allow"],
             access_log=not self["no-access-log"],
-            port=port,
-            port_text=self["port"],
+            http=not self["no-http"],
+            ports=ports,
+            port_texts=port_texts,
             workers=workers,
             allow=allow,
-            inherit_fd=inherit_fd,
+            inherit_fds=tuple(inherit_fds),
             worker_index=_number("--worker-index", self["worker-index"], int),
         )
         # Last: it may read files (TLS keys) that an error above makes moot.
-        check_endpoint(self["port"], port)
+        for text, port in zip(port_texts, ports):
+            check_endpoint(text, port)
 
 
 def _number(option: str, text: str, kind: type) -> Any:
@@ -272,12 +280,13 @@ class _Announcer(Service):
     def startService(self) -> None:
         super().startService()
         c = self._config
-        if c.inherit_fd is not None:
+        if c.inherit_fds:
             return
         self._log.info(
-            "filecache serving {dir} on {port}, cache {cache_size} bytes, {workers} worker(s)",
+            "filecache serving {dir} on {port}{http}, cache {cache_size} bytes, {workers} worker(s)",
             dir=os.path.realpath(c.dir),
-            port=c.port,
+            port=" and ".join(c.ports),
+            http=" (native and HTTP/1.1)" if c.http else " (native protocol only)",
             cache_size=c.cache_size,
             workers=c.workers,
         )
@@ -310,27 +319,33 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_connections=config.max_connections,
         max_per_ip=config.max_per_ip,
         allow=config.allow,
+        http=config.http,
     )
-    listener: Service
     # Not strports.service: it makes its endpoint from the string itself, so
     # StartupEndpoint (one line and status 1 when the listen fails) cannot
-    # wrap it, and the workers' pool needs the endpoint anyway.
-    endpoint = StartupEndpoint(serverFromString(reactor, config.port), config.port_text)
-    if config.inherit_fd is not None:
-        fd, family = config.inherit_fd
-        listener = AdoptedPortService(reactor, fd, family, factory)
+    # wrap it, and the workers' pool needs the endpoints anyway.
+    endpoints = [
+        StartupEndpoint(serverFromString(reactor, port), text)
+        for port, text in zip(config.ports, config.port_texts)
+    ]
+    listeners: list[Service]
+    if config.inherit_fds:
+        listeners = [AdoptedPortService(reactor, fd, family, factory) for fd, family in config.inherit_fds]
     elif config.workers > 1:
-        listener = WorkerPool(
-            reactor,
-            endpoint,
-            factory,
-            config.workers - 1,
-            config.to_argv(),
-            stop_timeout=config.drain_timeout + 5,
-        )
+        listeners = [
+            WorkerPool(
+                reactor,
+                endpoints,
+                factory,
+                config.workers - 1,
+                config.to_argv(),
+                stop_timeout=config.drain_timeout + 5,
+            )
+        ]
     else:
-        listener = StreamServerEndpointService(endpoint, factory)
-    listener.setServiceParent(top)
+        listeners = [StreamServerEndpointService(endpoint, factory) for endpoint in endpoints]
+    for listener in listeners:
+        listener.setServiceParent(top)
     DrainService(factory, config.drain_timeout, reactor, disk).setServiceParent(top)
     _Announcer(config).setServiceParent(top)
     return top

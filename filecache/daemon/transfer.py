@@ -137,7 +137,7 @@ class _SliceSender:
     def __init__(
         self,
         consumer: IConsumer,
-        data: bytes | bytearray,
+        data: bytes | bytearray | memoryview,
         start: int,
         done: Deferred[int],
         on_progress: Callable[[], object],
@@ -200,17 +200,21 @@ def _nothing() -> None:
 
 def send_memory(
     transport: Any,
-    data: bytes | bytearray,
+    data: bytes | bytearray | memoryview,
     start: int,
     *,
+    end: int | None = None,
     on_progress: Callable[[], object] = _nothing,
 ) -> Deferred[int]:
     """
-    Stream C{data[start:]} to C{transport}.  Fires with the bytes sent, or
+    Stream C{data[start:end]} to C{transport}.  Fires with the bytes sent, or
     fails with L{TransferFailed}.  C{on_progress} is called whenever the
     peer has taken more bytes.
     """
     done: Deferred[int] = Deferred()
+    if end is not None and end < len(data):
+        # A range: a view, so the slices below copy only what they send.
+        data = memoryview(data)[:end]
     length = len(data) - start
     sock = direct_socket(transport)
     if sock is not None:

@@ -151,7 +151,7 @@ class _Worker(ProcessProtocol):
 
 class WorkerPool(Service):
     """
-    Listens on C{endpoint} itself, then keeps C{count} worker processes
+    Listens on C{endpoints} itself, then keeps C{count} worker processes
     serving the same socket (restarting any that dies, later each time one
     dies soon after its start), and stops them with SIGTERM so each drains
     its own connections.
@@ -169,7 +169,7 @@ class WorkerPool(Service):
     def __init__(
         self,
         reactor: Any,
-        endpoint: IStreamServerEndpoint,
+        endpoints: IStreamServerEndpoint | Sequence[IStreamServerEndpoint],
         factory: IProtocolFactory,
         count: int,
         worker_args: Sequence[str],
@@ -178,14 +178,14 @@ class WorkerPool(Service):
         healthy_after: float = HEALTHY_AFTER,
     ) -> None:
         self._reactor = reactor
-        self._endpoint = endpoint
+        self._endpoints = list(endpoints) if isinstance(endpoints, Sequence) else [endpoints]
         self._factory = factory
         self._count = count
         self._worker_args = list(worker_args)
         self._stop_timeout = stop_timeout
         self._restart_delay = restart_delay
         self._healthy_after = healthy_after
-        self._port: Any = None
+        self._ports: list[Any] = []
         self._workers: dict[int, tuple[_Worker, Any]] = {}
         # By worker number: deaths soon after the start, in a row; restarts due.
         self._quick_deaths: dict[int, int] = {}
@@ -194,23 +194,34 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = self._endpoint.listen(self._factory)
-        d.addCallback(self._listening)
-        d.addErrback(self._cannot_listen)
+        listens = [endpoint.listen(self._factory) for endpoint in self._endpoints]
+        d = DeferredList(listens, fireOnOneErrback=True, consumeErrors=True)
+        d.addCallbacks(self._listening_all, self._cannot_listen_any)
+
+    def _listening_all(self, results: list[tuple[bool, Any]]) -> None:
+        self._listening([port for _, port in results])
+
+    def _cannot_listen_any(self, reason: Failure) -> None:
+        # DeferredList wraps the first listen's failure in a FirstError.
+        self._cannot_listen(getattr(reason.value, "subFailure", reason))
 
     def _cannot_listen(self, reason: Failure) -> None:
         self._log.failure("cannot listen", reason)
         if self._reactor.running:
             self._reactor.stop()
 
-    def _listening(self, port: Any) -> None:
-        self._port = port
+    def _listening(self, ports: list[Any]) -> None:
+        self._ports = ports
         for number in range(1, self._count + 1):
             self._spawn(number)
 
     def _spawn(self, number: int) -> None:
-        fd = self._port.fileno()
-        family = address_family(self._port)
+        inherited = []
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        for port in self._ports:
+            fd = port.fileno()
+            inherited += ["--inherit-fd", f"{fd}:{address_family(port)}"]
+            child_fds[fd] = fd
         args = [
             sys.executable,
             "-m",
@@ -218,8 +229,7 @@ class WorkerPool(Service):
             "--log-format=text",
             "filecache",
             *self._worker_args,
-            "--inherit-fd",
-            f"{fd}:{family}",
+            *inherited,
             "--worker-index",
             str(number),
         ]
@@ -229,7 +239,7 @@ class WorkerPool(Service):
             sys.executable,
             args,
             env=dict(os.environ),
-            childFDs={0: "w", 1: "r", 2: "r", fd: fd},
+            childFDs=child_fds,
         )
         self._workers[number] = (worker, process)
         self._log.info("started worker {number} (pid {pid})", number=number, pid=process.pid)
@@ -255,7 +265,7 @@ class WorkerPool(Service):
 
     def _respawn(self, number: int) -> None:
         self._restarts.pop(number, None)
-        if not self._stopping and self._port is not None and number not in self._workers:
+        if not self._stopping and self._ports and number not in self._workers:
             self._spawn(number)
 
     def stopService(self) -> Deferred[Any]:
@@ -265,8 +275,8 @@ class WorkerPool(Service):
             call.cancel()
         self._restarts.clear()
         waits: list[Deferred[Any]] = []
-        if self._port is not None:
-            waits.append(self._port.stopListening() or succeed(None))
+        for port in self._ports:
+            waits.append(port.stopListening() or succeed(None))
         ended = []
         for worker, process in list(self._workers.values()):
             ended.append(worker.ended)

@@ -1,0 +1,292 @@
+"""
+A client connection's mechanics, shared by both protocols' adapters: when
+to read, the idle timer, streaming a body, and the access log line.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    ITCPTransport,
+)
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from filecache import wire
+from filecache.daemon.bodies import DiskBody, MemoryBody, Sent
+from filecache.daemon.httphead import MAX_HEADER_LINE, starts_like_http
+from filecache.daemon.listing import ListResult, SteppedBody
+from filecache.daemon.sockets import (
+    describe_peer,
+    direct_socket,
+    plain_socket,
+    unsent_bytes,
+    write_now,
+)
+
+if TYPE_CHECKING:
+    from filecache.daemon.http import HttpSession
+    from filecache.daemon.native import FileCacheFactory
+
+
+class _IConnection(ITCPTransport, IConsumer):
+    """
+    What a daemon connection's transport is, for the type checker: TCP, UNIX
+    and TLS transports all have the methods of both interfaces.
+    """
+
+
+@implementer(IPushProducer)
+class _SendBufferGate:
+    """
+    Registered on the transport between streamed replies, so that a client
+    who sends requests without reading the replies is no longer read from
+    once Twisted's send buffer fills.
+    """
+
+    def __init__(self, protocol: Connection) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol._set_backpressure(True)
+
+    def resumeProducing(self) -> None:
+        self._protocol.resetTimeout()
+        self._protocol._set_backpressure(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Connection(LineReceiver, TimeoutMixin):
+    """
+    One client connection of the filecache daemon, whichever protocol it
+    speaks: reading (held while a reply is under way or the send buffer is
+    full), its timer, streaming reply bodies, and the access log.  The
+    native adapter (L{filecache.daemon.native.FileCacheProtocol}) reads its
+    lines and hands a connection whose first line is HTTP to an
+    L{filecache.daemon.http.HttpSession}.
+
+    Its timer runs for the factory's C{idle_timeout}: it is reset by every
+    byte received and by every step a reply makes; when it fires, an idle
+    connection is closed and a stuck reply is aborted.
+    """
+
+    delimiter = b"\n"
+    # A request line may be MAX_LINE bytes plus the \r of a \r\n.
+    MAX_LENGTH = wire.MAX_LINE + 1
+
+    factory: FileCacheFactory
+    # Set by makeConnection, before any of our methods that use it run.
+    transport: _IConnection
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self._replying = False
+        self._backpressure = False
+        self._lines = 0
+        self._requests = 0
+        self._socket: socket.socket | None = None
+        # The plain socket under the transport (TLS included), for asking
+        # the kernel whether a slow reader is still reading.
+        self._queue_socket: socket.socket | None = None
+        self._unsent: int | None = None
+        self._pending: Deferred[Any] | None = None
+        self._gate = _SendBufferGate(self)
+        self._http: HttpSession | None = None
+        self.peer = "-"
+
+    # Reading, paused while a reply is under way or the send buffer is full.
+
+    def _set_backpressure(self, on: bool) -> None:
+        self._backpressure = on
+        self._update_reading()
+
+    def _set_replying(self, on: bool) -> None:
+        self._replying = on
+        if not on and self.factory.draining:
+            # Shutting down: this reply was the last one.
+            self.transport.loseConnection()
+            return
+        self._update_reading()
+
+    @property
+    def replying(self) -> bool:
+        """Whether a reply is under way (waited for or being sent)."""
+        return self._replying
+
+    def _update_reading(self) -> None:
+        hold = self._replying or self._backpressure
+        if hold and not self.paused:
+            self.pauseProducing()
+        elif not hold and self.paused and self.transport is not None:
+            self.resumeProducing()
+
+    # Connection events
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self._socket = direct_socket(self.transport)
+        self._queue_socket = plain_socket(self.transport)
+        self.peer = describe_peer(self.transport.getPeer())
+        factory.admission.opened(self)
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # A status line, a body sent by the kernel and an END line are
+            # separate segments: Nagle would hold the last one back.
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+        self.transport.registerProducer(self._gate, True)
+        self.setTimeout(factory.idle_timeout)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's timer runs on the factory's clock.
+        return self.factory.clock.callLater(period, func)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self.setTimeout(None)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            # Disk work for a client who has gone is dropped before it runs.
+            pending.cancel()
+        self.factory.admission.closed(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Bytes that only lengthen an unfinished request do not postpone the
+        # timer: a request line (an HTTP head) must arrive whole within the
+        # timeout, so a client sending a byte a second cannot hold a
+        # connection forever.
+        if (
+            self._lines == 0
+            and self.factory.http
+            and self.MAX_LENGTH == Connection.MAX_LENGTH
+            and starts_like_http(self._buffer + data[:64])
+        ):
+            # An HTTP request line may be longer than a native one.
+            self.MAX_LENGTH = MAX_HEADER_LINE + 1
+        requests = self._requests
+        super().dataReceived(data)
+        if self._requests != requests or not (self._buffer or (self._http is not None and self._http.head_open)):
+            self.resetTimeout()
+
+    def request_arrived(self) -> None:
+        """A whole request (a native line, an HTTP head) was read: it restarts the timer."""
+        self._requests += 1
+
+    def _progressed(self) -> None:
+        """A reply made a step: restart the timer, note the kernel's queue."""
+        self.resetTimeout()
+        self._unsent = unsent_bytes(self._queue_socket)
+
+    def timeoutConnection(self) -> None:
+        stuck = self._replying or self._backpressure
+        if stuck and self._pending is None:
+            unsent = unsent_bytes(self._queue_socket)
+            if unsent is not None and self._unsent is not None and unsent < self._unsent:
+                # The kernel's queue shrank: the client is reading, only
+                # slower than the socket reports writability.
+                self._unsent = unsent
+                self.setTimeout(self.factory.idle_timeout)
+                return
+        self._log.info(
+            "{peer}: {what} for {seconds} s; closing",
+            peer=self.peer,
+            what="reply not read" if stuck else "idle",
+            seconds=self.factory.idle_timeout,
+        )
+        if stuck:
+            # A polite close would wait on a send buffer that never drains.
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # What both protocols' adapters do with a connection
+
+    def _start_stream(self, head: bytes) -> Any:
+        self._set_replying(True)
+        transport = self.transport
+        # The gate comes off before the head is written: a pause the
+        # transport gave it now would never be lifted (the body's producer
+        # is resumed instead), and reading is held by _replying meanwhile.
+        transport.unregisterProducer()
+        self._backpressure = False
+        transport.write(head)
+        self._progressed()
+        return transport
+
+    def stream(self, head: bytes, body: MemoryBody | DiskBody) -> Deferred[Sent]:
+        """Write C{head}, then send C{body}; no request is read meanwhile."""
+        return body.send(self._start_stream(head), on_progress=self._progressed)
+
+    def stream_steps(self, head: bytes, body: SteppedBody[Any]) -> Deferred[ListResult]:
+        """Write C{head}, then a body made in disk steps, only as fast as the client reads."""
+        return body.send(
+            self._start_stream(head),
+            on_progress=self._progressed,
+            unsent=lambda: unsent_bytes(self._queue_socket),
+            call_later=self.factory.clock.callLater,
+        )
+
+    def reply_done(self, tail: bytes = b"") -> None:
+        """The streamed reply is over, once C{tail} is written: read the next request."""
+        self.transport.registerProducer(self._gate, True)
+        if tail:
+            # After the gate is back, so that a full buffer pauses it.
+            self.transport.write(tail)
+        self.resetTimeout()
+        self._set_replying(False)
+
+    def write_whole(self, data: bytes) -> None:
+        """Write a whole reply at once (straight to the socket when nothing is queued)."""
+        write_now(self.transport, data, self._socket)
+
+    def wait(self, pending: Deferred[Any], then: Callable[[Any], None], failed: Callable[[Failure], None]) -> None:
+        """Hold reading until C{pending} (disk work) fires; cancelled if the client leaves."""
+        self._set_replying(True)
+        self._pending = pending
+
+        def done(result: Any) -> None:
+            self._pending = None
+            then(result)
+
+        def error(reason: Failure) -> None:
+            self._pending = None
+            if not reason.check(CancelledError):
+                failed(reason)
+
+        pending.addCallbacks(done, error)
+
+    def finish_simple(self) -> None:
+        """A reply written whole after a wait is over: read the next request."""
+        if self._replying:
+            self.resetTimeout()
+            self._set_replying(False)
+
+    def access(self, request: bytes, status: str, size: int, started: float, cache: str) -> None:
+        """The access log's line for one reply, of either protocol."""
+        factory = self.factory
+        if not factory.access_log:
+            return
+        self._log.info(
+            "{peer} {request} {status} {size} {seconds:.6f} {cache}",
+            peer=self.peer,
+            # Escaped: a request line must not be able to forge log lines.
+            request=wire.printable_bytes(request[:200].rstrip(b"\r")),
+            status=status,
+            size=size,
+            seconds=factory.clock.seconds() - started,
+            cache=cache,
+        )

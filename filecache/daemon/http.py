@@ -1,0 +1,365 @@
+"""
+The HTTP/1.1 adapter: request heads in, the shared responder's answers out
+(docs/http.md).  A connection becomes an HTTP session on its first line and
+stays one; the connection itself (reading, timers, streaming, the access
+log) is the native protocol's (L{filecache.daemon.native}).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from filecache import wire
+from filecache.daemon.bodies import FileAnswer, Sent
+from filecache.daemon.cache import CacheEntry
+from filecache.daemon.httphead import (
+    UNSATISFIABLE,
+    HeadReader,
+    HttpError,
+    RequestHead,
+    Target,
+    check_conditions,
+    content_type,
+    error_response,
+    etag_for,
+    format_head,
+    http_date,
+    if_range_allows,
+    parse_range,
+    parse_target,
+    repr_digest,
+    wants_json,
+)
+from filecache.daemon.listing import ListResult
+from filecache.daemon.responder import INLINE_LIMIT, Reply
+from filecache.daemon.transfer import TransferFailed
+
+if TYPE_CHECKING:
+    from filecache.daemon.native import FileCacheProtocol
+
+_ALLOW = [("Allow", "GET, HEAD")]
+_UNREADABLE = "file cannot be read now; try again"
+
+
+class _Exchange:
+    """One request being answered: what the access log and the head need."""
+
+    __slots__ = ("head", "head_only", "keep", "label", "started")
+
+    def __init__(self, head: RequestHead, keep: bool, label: bytes, started: float) -> None:
+        self.head = head
+        self.keep = keep
+        self.head_only = head.method == b"HEAD"
+        self.label = label
+        self.started = started
+
+
+READY_BUDGET = 8 * 1024 * 1024
+"""Bytes of whole small-file responses kept ready for the next plain GET."""
+
+
+class ReadyResponses:
+    """
+    Whole C{200} responses to plain GETs of small cached files, but for
+    their Date, by request-target: building the same head for every hit of
+    a small file costs more than sending it.  Each is kept beside the cache
+    entry it was built from and used only while the responder says that
+    entry is still current; the oldest go first past L{READY_BUDGET}.
+    """
+
+    def __init__(self, budget: int = READY_BUDGET) -> None:
+        self._budget = budget
+        self._kept: OrderedDict[bytes, tuple[CacheEntry, str, bytes, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, target: bytes) -> tuple[CacheEntry, str, bytes, bytes] | None:
+        return self._kept.get(target)
+
+    def keep(self, target: bytes, entry: CacheEntry, path: str, head: bytes, body: bytes) -> None:
+        old = self._kept.pop(target, None)
+        if old is not None:
+            self._bytes -= len(old[2]) + len(old[3])
+        self._kept[target] = (entry, path, head, body)
+        self._bytes += len(head) + len(body)
+        while self._bytes > self._budget:
+            _, (_, _, h, b) = self._kept.popitem(last=False)
+            self._bytes -= len(h) + len(b)
+
+
+def _plain(head: RequestHead) -> bool:
+    """A GET that asks for no range and sets no condition."""
+    for name, _ in head.fields:
+        if name == b"range" or name[:3] == b"if-":
+            return False
+    return True
+
+
+class HttpSession:
+    """The HTTP side of one connection: reads heads, answers them one at a time."""
+
+    _log = Logger()
+
+    def __init__(self, connection: FileCacheProtocol) -> None:
+        self._conn = connection
+        factory = connection.factory
+        self._factory = factory
+        self._responder = factory.responder
+        self._reader = HeadReader()
+
+    @property
+    def head_open(self) -> bool:
+        """Whether part of a request head has arrived (the timer is not reset by it)."""
+        return self._reader.started
+
+    # Reading
+
+    def line_received(self, line: bytes) -> None:
+        try:
+            head = self._reader.feed(line)
+        except HttpError as e:
+            self._refuse(e.status, e.message)
+            return
+        if head is not None:
+            self._conn.request_arrived()
+            self._request(head)
+
+    def line_too_long(self) -> None:
+        if self._reader.started:
+            self._refuse(431, "header line too long")
+        else:
+            self._refuse(414, "request line too long")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """A head that cannot be read: answered, logged, and the connection closed."""
+        conn = self._conn
+        self._responder.count_request(http=True)
+        data = error_response(status, message, date=self._factory.dates.now(), close=True)
+        conn.write_whole(data)
+        conn.access(b"HTTP (malformed)", str(status), 0, self._factory.clock.seconds(), "-")
+        conn.transport.loseConnection()
+
+    # Answering
+
+    def _request(self, head: RequestHead) -> None:
+        factory = self._factory
+        self._responder.count_request(http=True)
+        started = factory.clock.seconds() if factory.access_log else 0.0
+        label = b"HTTP/1.%d %s %s" % (head.version[1], head.method, head.target[:200])
+        ex = _Exchange(head, head.keep_alive and not factory.draining, label, started)
+        if head.method == b"GET" and ex.keep and head.version == (1, 1) and self._ready(ex):
+            return
+        if head.method != b"GET" and head.method != b"HEAD":
+            self._simple(ex, 405, "only GET and HEAD are served", _ALLOW)
+            return
+        try:
+            target = parse_target(head.target)
+        except HttpError as e:
+            ex.keep = False
+            self._simple(ex, e.status, e.message)
+            return
+        if target.folder:
+            self._listing(ex, target)
+            return
+        found = self._responder.lookup(target.path)
+        if isinstance(found, Deferred):
+            self._conn.wait(
+                found,
+                lambda answer: self._file(ex, target, answer),
+                lambda reason: self._internal_error(ex, reason),
+            )
+        else:
+            self._file(ex, target, found)
+
+    def _ready(self, ex: _Exchange) -> bool:
+        """Send a kept response if there is one for this request, still current."""
+        ready = self._factory.http_ready.get(ex.head.target)
+        if ready is None or not _plain(ex.head):
+            return False
+        entry, path, head, body = ready
+        if not self._responder.still_hit(path, entry):
+            return False
+        self._responder.count_sent(len(body))
+        self._finish(ex, 200, b"".join((head, b"Date: ", self._factory.dates.now(), b"\r\n\r\n", body)), len(body), "hit")
+        return True
+
+    def _internal_error(self, ex: _Exchange, reason: Failure) -> None:
+        self._log.failure("Error answering {request}", reason, request=wire.printable_bytes(ex.label))
+        ex.keep = False
+        self._simple(ex, 500, "internal error")
+
+    def _file(self, ex: _Exchange, target: Target, found: FileAnswer | Reply) -> None:
+        if isinstance(found, Reply):
+            self._not_a_file(ex, target, found)
+            return
+        answer = found
+        etag = etag_for(answer.version)
+        condition = check_conditions(ex.head, etag, answer.mtime)
+        if condition is not None:
+            answer.close()
+            if condition == 412:
+                self._simple(ex, 412, "precondition failed")
+            else:
+                self._finish(ex, 304, self._head(ex, 304, [("ETag", etag), self._modified(answer)]), 0, "-")
+            return
+        size = answer.size
+        start, end, status = 0, size, 200
+        fields = []
+        asked = ex.head.get(b"range")
+        if asked is not None and if_range_allows(ex.head, etag, answer.mtime):
+            chosen = parse_range(asked, size)
+            if chosen is UNSATISFIABLE:
+                answer.close()
+                self._simple(ex, 416, "range not satisfiable", [("Content-Range", f"bytes */{size}")])
+                return
+            if isinstance(chosen, tuple):
+                start, end, status = chosen[0], chosen[1] + 1, 206
+                fields.append(("Content-Range", f"bytes {start}-{end - 1}/{size}"))
+        fields += [
+            ("Content-Length", str(end - start)),
+            ("Content-Type", content_type(answer.path)),
+            self._modified(answer),
+            ("ETag", etag),
+            ("Accept-Ranges", "bytes"),
+        ]
+        if answer.digest is not None:
+            fields.append(("Repr-Digest", repr_digest(answer.digest)))
+        if ex.head_only:
+            answer.close()
+            self._finish(ex, status, self._head(ex, status, fields), 0, answer.cache)
+            return
+        if answer.data is not None and end - start <= INLINE_LIMIT:
+            answer.count_sent(end - start)
+            body = bytes(answer.data[start:end])
+            if status == 200 and ex.keep and ex.head.version == (1, 1) and answer.entry is not None:
+                # Built once, kept beside the entry: the next plain GET of this
+                # target sends it as it is, with a new Date.
+                self._factory.http_ready.keep(
+                    ex.head.target, answer.entry, answer.path, format_head(200, fields[:])[:-2], body
+                )
+            self._finish(ex, status, self._head(ex, status, fields) + body, end - start, answer.cache)
+            return
+        self._conn.stream(self._head(ex, status, fields), answer.body(start, end)).addCallbacks(
+            self._body_sent,
+            self._body_failed,
+            callbackArgs=(ex, status, answer),
+            errbackArgs=(ex, status, answer),
+        )
+
+    def _not_a_file(self, ex: _Exchange, target: Target, reply: Reply) -> None:
+        if reply.status != "ERR " + wire.NOT_FOUND:
+            self._simple(ex, 503, _UNREADABLE, [("Retry-After", "1")])
+        elif self._responder.folder.is_folder(target.path):
+            location = "/" + wire.quote_path(target.path).decode("ascii") + "/"
+            if target.query:
+                location += "?" + target.query
+            self._simple(ex, 301, "moved to " + location, [("Location", location)])
+        else:
+            self._simple(ex, 404, "no such file")
+
+    @staticmethod
+    def _modified(answer: FileAnswer) -> tuple[str, str]:
+        return ("Last-Modified", http_date(answer.mtime))
+
+    def _head(self, ex: _Exchange, status: int, fields: list[tuple[str, str]]) -> bytes:
+        """The response head, with Date and what the connection will do after it."""
+        if self._factory.draining:
+            ex.keep = False
+        fields.append(("Date", self._factory.dates.now().decode("ascii")))
+        if not ex.keep:
+            fields.append(("Connection", "close"))
+        elif ex.head.version == (1, 0):
+            fields.append(("Connection", "keep-alive"))
+        return format_head(status, fields)
+
+    def _simple(self, ex: _Exchange, status: int, message: str, extra: list[tuple[str, str]] | None = None) -> None:
+        """A short text answer (an error, a redirect), written whole."""
+        if self._factory.draining:
+            ex.keep = False
+        data = error_response(
+            status,
+            message,
+            date=self._factory.dates.now(),
+            close=not ex.keep,
+            head_only=ex.head_only,
+            extra=(extra or []) + ([("Connection", "keep-alive")] if ex.keep and ex.head.version == (1, 0) else []),
+        )
+        self._finish(ex, status, data, 0, "-")
+
+    def _finish(self, ex: _Exchange, status: int, data: bytes, sent: int, cache: str) -> None:
+        conn = self._conn
+        if conn.transport is None or not conn.connected:
+            return
+        conn.write_whole(data)
+        conn.access(ex.label, str(status), sent, ex.started, cache)
+        if ex.keep:
+            conn.finish_simple()
+        else:
+            conn.transport.loseConnection()
+
+    def _body_sent(self, sent: Sent, ex: _Exchange, status: int, answer: FileAnswer) -> None:
+        conn = self._conn
+        if sent.changed:
+            self._log.warn(
+                "{path} changed while being sent to {peer}; connection closed",
+                path=wire.printable(answer.path),
+                peer=conn.peer,
+            )
+            conn.access(ex.label, f"{status}-changed", sent.sent, ex.started, answer.cache)
+            conn.transport.loseConnection()
+            return
+        conn.access(ex.label, str(status), sent.sent, ex.started, answer.cache)
+        self._after_stream(ex)
+
+    def _after_stream(self, ex: _Exchange) -> None:
+        if ex.keep:
+            self._conn.reply_done()
+        else:
+            self._conn.transport.loseConnection()
+
+    def _body_failed(self, reason: Failure, ex: _Exchange, status: int, answer: Any) -> None:
+        sent = reason.value.sent if isinstance(reason.value, TransferFailed) else 0
+        conn = self._conn
+        conn.access(ex.label, f"{status}-cut", sent, ex.started, getattr(answer, "cache", "-"))
+        if conn.transport is not None and conn.connected:
+            conn.transport.abortConnection()
+
+    # Folders
+
+    def _listing(self, ex: _Exchange, target: Target) -> None:
+        as_json = wants_json(ex.head, target)
+        chunked = ex.head.version >= (1, 1)
+        page = self._responder.folder_page(target.path.rstrip("/"), "json" if as_json else "html", chunked)
+        if isinstance(page, Reply):
+            self._simple(ex, 404, "no such folder")
+            return
+        if not chunked:
+            ex.keep = False  # the end of the body is the end of the connection
+        fields = [
+            ("Content-Type", "application/json" if as_json else "text/html; charset=utf-8"),
+            ("Vary", "Accept"),
+            ("Cache-Control", "no-cache"),
+        ]
+        if chunked:
+            fields.append(("Transfer-Encoding", "chunked"))
+        head = self._head(ex, 200, fields)
+        if ex.head_only:
+            page.discard()
+            self._finish(ex, 200, head, 0, "-")
+            return
+        self._conn.stream_steps(head, page).addCallbacks(
+            self._page_sent, self._body_failed, callbackArgs=(ex,), errbackArgs=(ex, 200, None)
+        )
+
+    def _page_sent(self, result: ListResult, ex: _Exchange) -> None:
+        conn = self._conn
+        if result.error is not None:
+            conn.access(ex.label, "200-cut", result.sent, ex.started, "-")
+            conn.transport.loseConnection()
+            return
+        conn.access(ex.label, "200", result.sent, ex.started, "-")
+        self._after_stream(ex)
