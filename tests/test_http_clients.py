@@ -15,6 +15,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -825,7 +827,8 @@ def test_access_log_lines(shared: Path, daemon_factory: DaemonFactory) -> None:
     """
     Each answer is one access-log line `<peer> HTTP/1.1 <method> <path>
     <status> <body bytes> <seconds> <hit|miss|->`: a GET counts its body,
-    a HEAD and a 304 count none, a range counts its part.
+    a HEAD and a 304 count none, a range counts its part, a 404 its short
+    text body (the body bytes "that actually went out").
     """
     (shared / "sub").mkdir()
     (shared / "sub" / "log.txt").write_bytes(b"L" * 1234)
@@ -835,10 +838,38 @@ def test_access_log_lines(shared: Path, daemon_factory: DaemonFactory) -> None:
         conn.head("/sub/log.txt")
         conn.get("/sub/log.txt", [("Range", "bytes=0-9")])
         conn.get("/sub/log.txt", [("If-None-Match", etag)])
-        conn.get("/sub/nothing.txt")
+        missing = conn.get("/sub/nothing.txt")
     peer = r"127\.0\.0\.1:\d+ "
     wait_for_access_line(daemon, peer + r"HTTP/1\.1 GET /sub/log\.txt 200 1234 [0-9.]+ (miss|hit)$")
     wait_for_access_line(daemon, peer + r"HTTP/1\.1 HEAD /sub/log\.txt 200 0 [0-9.]+ (miss|hit|-)$")
     wait_for_access_line(daemon, peer + r"HTTP/1\.1 GET /sub/log\.txt 206 10 [0-9.]+ (miss|hit|-)$")
     wait_for_access_line(daemon, peer + r"HTTP/1\.1 GET /sub/log\.txt 304 0 [0-9.]+ (miss|hit|-)$")
-    wait_for_access_line(daemon, peer + r"HTTP/1\.1 GET /sub/nothing\.txt 404 \d+ [0-9.]+ (miss|hit|-)$")
+    wait_for_access_line(daemon, peer + r"HTTP/1\.1 GET /sub/nothing\.txt 404 " + str(len(missing.body)) + r" [0-9.]+ (miss|hit|-)$")
+
+
+def test_sigterm_ends_an_answer_in_flight_with_close(shared: Path, daemon_factory: DaemonFactory) -> None:
+    """
+    On SIGTERM an answer in flight (64 MiB the client has not started to
+    read) finishes whole, then its connection closes; an idle kept-alive
+    connection is closed; the daemon exits 0.
+    """
+    big = write_pattern(shared / "big.bin", 64 << 20, seed=12)
+    daemon = daemon_factory(shared, "--drain-timeout", "20")
+    idle = HttpConnection(daemon.port)
+    busy = HttpConnection(daemon.port, timeout=30)
+    try:
+        assert idle.get("/nope").status == 404
+        busy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        busy.request("GET", "/big.bin")
+        time.sleep(0.3)
+        daemon.process.send_signal(signal.SIGTERM)
+        response = busy.read_response()
+        assert response.status == 200
+        assert len(response.body) == 64 << 20 and response.body == big.read_bytes()
+        busy.assert_closed()
+        idle.assert_closed()
+    finally:
+        idle.close()
+        busy.close()
+    assert daemon.process.wait(20) == 0
+    daemon.stopped = True
