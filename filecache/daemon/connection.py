@@ -169,17 +169,26 @@ class Connection(LineReceiver, TimeoutMixin):
         # timer: a request line (an HTTP head) must arrive whole within the
         # timeout, so a client sending a byte a second cannot hold a
         # connection forever.
-        if (
-            self._lines == 0
-            and self.factory.http
-            and self.MAX_LENGTH == Connection.MAX_LENGTH
-            and starts_like_http(self._buffer + data[:64])
-        ):
-            # An HTTP request line may be longer than a native one.
-            self.MAX_LENGTH = MAX_HEADER_LINE + 1
         requests = self._requests
-        super().dataReceived(data)
-        if self._requests != requests or not (self._buffer or (self._http is not None and self._http.head_open)):
+        http = self._http
+        if http is not None:
+            http.data_received(data)
+        else:
+            if (
+                self._lines == 0
+                and self.factory.http
+                and self.MAX_LENGTH == Connection.MAX_LENGTH
+                and starts_like_http(self._buffer + data[:64])
+            ):
+                # An HTTP request line may be longer than a native one.
+                self.MAX_LENGTH = MAX_HEADER_LINE + 1
+            super().dataReceived(data)
+            http = self._http
+            if http is not None:
+                # The first line made this an HTTP connection: the bytes
+                # after it are the session's to read.
+                http.data_received(b"")
+        if self._requests != requests or not (self._buffer or (http is not None and http.head_open)):
             self.resetTimeout()
 
     def request_arrived(self) -> None:

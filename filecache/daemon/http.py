@@ -18,6 +18,7 @@ from filecache import wire
 from filecache.daemon.bodies import FileAnswer, Sent
 from filecache.daemon.cache import CacheEntry
 from filecache.daemon.httphead import (
+    MAX_HEADER_LINE,
     UNSATISFIABLE,
     HeadReader,
     HttpError,
@@ -104,19 +105,57 @@ class HttpSession:
 
     _log = Logger()
 
-    def __init__(self, connection: FileCacheProtocol) -> None:
+    def __init__(self, connection: FileCacheProtocol, buffered: bytes = b"") -> None:
         self._conn = connection
         factory = connection.factory
         self._factory = factory
         self._responder = factory.responder
         self._reader = HeadReader()
+        self._buffer = buffered
+        self._busy = False
 
     @property
     def head_open(self) -> bool:
         """Whether part of a request head has arrived (the timer is not reset by it)."""
-        return self._reader.started
+        return self._reader.started or bool(self._buffer)
 
     # Reading
+
+    def data_received(self, data: bytes) -> None:
+        """
+        Bytes from the connection: heads are read a line at a time while
+        the connection is not paused (a reply under way, or a full send
+        buffer); the rest waits here.  A reply that ends while a line is
+        being answered resumes the connection, which calls this again: that
+        call only adds its bytes, and the loop already running goes on.
+        """
+        if data:
+            self._buffer += data
+        if self._busy:
+            return
+        self._busy = True
+        conn = self._conn
+        try:
+            while self._buffer and not conn.paused:
+                transport = conn.transport
+                if transport is None or getattr(transport, "disconnecting", False):
+                    self._buffer = b""
+                    return
+                buffer = self._buffer
+                end = buffer.find(b"\n")
+                if end < 0:
+                    if len(buffer) > MAX_HEADER_LINE + 1:
+                        self._buffer = b""
+                        self.line_too_long()
+                    return
+                self._buffer = buffer[end + 1 :]
+                if end > MAX_HEADER_LINE + 1:
+                    self._buffer = b""
+                    self.line_too_long()
+                    return
+                self.line_received(buffer[:end])
+        finally:
+            self._busy = False
 
     def line_received(self, line: bytes) -> None:
         try:

@@ -59,7 +59,10 @@ class FileCacheProtocol(Connection):
         if self._lines == 1 and factory.http:
             # The first line decides, for the life of the connection.
             if is_request_line(line):
-                self._http = HttpSession(self)
+                # From here on the session reads the connection's bytes,
+                # those already buffered first.
+                self._http = HttpSession(self, self._buffer)
+                self._buffer = b""
                 self._http.line_received(line)
                 return
             # A native connection after all: native lines are shorter.
