@@ -83,7 +83,33 @@ ROWS = [
 ]
 
 
-def machine_info(args: argparse.Namespace) -> list[tuple[str, str]]:
+def code_state() -> str:
+    """
+    The commit measured, and whether the code that runs (the daemon, its
+    plugin, the harness's code) differs from it: changed or new files there
+    count, as a daemon started now would load them.
+    """
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    changed = subprocess.run(
+        ["git", "-C", str(REPO), "--no-optional-locks", "status", "--porcelain", "--"]
+        + ["filecache", "twisted", "benchmarks/*.py", "benchmarks/*.c", "benchmarks/*.lua"],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (commit or "?") + (
+        " (with uncommitted changes to filecache/, twisted/ or benchmarks/)" if changed else ""
+    )
+
+
+def machine_info(args: argparse.Namespace, code: str | None = None) -> list[tuple[str, str]]:
+    """The machine, the tools, and C{code}: the code_state() the servers started with."""
+
     def first_line(argv: list[str]) -> str:
         try:
             p = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=20)
@@ -99,21 +125,6 @@ def machine_info(args: argparse.Namespace) -> list[tuple[str, str]]:
             )
     except OSError:
         pass
-    commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        [
-            "git",
-            "-C",
-            str(REPO),
-            "--no-optional-locks",
-            "status",
-            "--porcelain",
-            "--untracked-files=no",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
     nginx = find_nginx()
     daemon_options = filecache_argv(0, Path("DIR"), args)[4:]
     for name in ("--port", "--dir"):
@@ -121,7 +132,7 @@ def machine_info(args: argparse.Namespace) -> list[tuple[str, str]]:
         del daemon_options[i : i + 2]
     return [
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-        ("commit", commit + (" (with uncommitted changes)" if dirty else "")),
+        ("commit", code if code is not None else code_state()),
         ("cores (nproc)", str(len(os.sched_getaffinity(0)))),
         ("CPU", cpu),
         ("kernel", platform.release()),
@@ -147,7 +158,11 @@ def machine_info(args: argparse.Namespace) -> list[tuple[str, str]]:
 def heading(info: list[tuple[str, str]]) -> list[str]:
     """The machine, the commit and the command, as markdown lines."""
     out = [f"- {k}: {v}" for k, v in info]
-    return out + ["", "Command: `" + " ".join(["python3", "benchmarks/run.py", *sys.argv[1:]]) + "`", ""]
+    return out + [
+        "",
+        "Command: `" + " ".join(["python3", "benchmarks/run.py", *sys.argv[1:]]) + "`",
+        "",
+    ]
 
 
 def render(

@@ -31,7 +31,7 @@ from benchmarks.dataset import WORK, make_dataset
 from benchmarks.httpreport import merge_results, render_http
 from benchmarks.httpworkloads import HTTP_WORKLOADS
 from benchmarks.processes import LOOPBACK, Processes, exit_status, tail
-from benchmarks.report import machine_info, render
+from benchmarks.report import code_state, machine_info, render
 from benchmarks.servers import (
     FILECACHE,
     SERVER_CHOICES,
@@ -203,6 +203,8 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(logs)  # this run's logs only
         logs.mkdir(parents=True)
         servers = make_servers(ds, args, logs, WORK)
+        # The code the servers load now is the code measured, whatever lands meanwhile.
+        code = code_state()
         if not servers:
             raise BenchError("no server to measure")
         for s in servers.values():
@@ -219,7 +221,9 @@ def main(argv: list[str]) -> int:
                 http_results[hw.name] = measure(
                     ctx, hw.name, hw.title, hw.run, hw.servers, args.rounds
                 )
-        info = machine_info(args)
+        info = machine_info(args, code)
+        if code_state() != code:
+            info.append(("code at the end of the run", f"{code_state()}: it changed during the run"))
         native = None
         if results:
             native = render(results, [n for n in servers if n in SERVER_NAMES], args, info)
