@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from filecache import wire
 from filecache.daemon.admission import Admission, Network
@@ -176,6 +177,7 @@ else:
     _ProtocolFactory = Factory
 
 
+@implementer(IProtocolNegotiationFactory)
 class FileCacheFactory(_ProtocolFactory):
     """
     Builds L{FileCacheProtocol}s that share one L{Responder}, as far as
@@ -215,6 +217,15 @@ class FileCacheFactory(_ProtocolFactory):
             )
         self.admission = admission
         responder.add_figures(admission.figures)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        What TLS connections may agree on by ALPN: HTTP/1.1 when it is
+        served.  Twisted refuses a TLS handshake whose client offers ALPN
+        protocols none of which the server names, so without this curl and
+        browsers could not connect at all.
+        """
+        return [b"http/1.1"] if self.http else []
 
     @property
     def draining(self) -> bool:
