@@ -325,6 +325,10 @@ def test_wget_mirrors_a_subfolder_through_the_listing(
         assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in work.iterdir()) == ["mirror"]
     assert sorted(p.name for p in (work / "mirror").iterdir()) == ["pub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["daemon-0.log", "shared", "wget"]
+    assert {(e.method, e.status) for e in tap.exchanges} == {("GET", 200)}, [
+        (e.target, e.status) for e in tap.exchanges if e.status != 200
+    ]
     mirrored = {
         path: digest
         for path, digest in files_under(work / "mirror" / "pub").items()
