@@ -375,3 +375,27 @@ def test_draining_answers_carry_connection_close(root: Path) -> None:
     (r,) = parse(tb.value())
     assert r.body == BIG and tb.disconnecting
     assert t.disconnecting  # idle: closed at once
+
+
+def test_a_head_seen_before_is_not_parsed_again_and_errors_are_never_kept(root: Path) -> None:
+    factory = make(root)
+    proto, t = connect(factory)
+    head = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+    # Empty lines between requests are ignored (RFC 9112 2.2).
+    assert len(parse(send(proto, t, head + b"\r\n\r\n" + head), count=2)) == 2
+    kept = factory.http_heads.get(head)
+    assert kept is not None and kept.target == b"/hello.txt"
+    assert factory.http_heads.get(b"\r\n\r\n") is None
+    bad = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"
+    for _ in range(2):
+        other, t2 = connect(factory)
+        assert send(other, t2, bad).startswith(b"HTTP/1.1 400 ")
+    assert factory.http_heads.get(bad) is None
+
+
+def test_refusals_of_head_requests_have_no_body(root: Path) -> None:
+    for head in (b"HEAD /hello.txt HTTP/1.1\r\n\r\n", b"HEAD /hello.txt HTTP/2.0\r\nHost: x\r\n\r\n",
+                 b"HEAD /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"):
+        proto, t = connect(make(root))
+        out = send(proto, t, head)
+        assert out.endswith(b"\r\n\r\n") and out.count(b"HTTP/1.1 ") == 1, out[:200]

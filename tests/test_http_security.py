@@ -384,7 +384,7 @@ MALFORMED_HEADS: dict[str, tuple[bytes, int]] = {
     "malformed escape": (b"GET /%zz HTTP/1.1\r\n" + HOST + b"\r\n", 400),
     "short escape": (b"GET /small.txt%4 HTTP/1.1\r\n" + HOST + b"\r\n", 400),
     "lone percent": (b"GET /% HTTP/1.1\r\n" + HOST + b"\r\n", 400),
-    "URI of 5,000 bytes": (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n" + HOST + b"\r\n", 414),
+    "URI of 9,000 bytes": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n" + HOST + b"\r\n", 414),
     "URI of 10,000 bytes": (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\n" + HOST + b"\r\n", 414),
     "URI of 1 MiB": (b"GET /" + b"a" * (1 << 20) + b" HTTP/1.1\r\n" + HOST + b"\r\n", 414),
     "header line of 9,000 bytes": (GOOD_LINE + HOST + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),

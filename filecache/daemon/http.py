@@ -92,6 +92,41 @@ class ReadyResponses:
             self._bytes -= len(h) + len(b)
 
 
+HEAD_MEMO_SIZE = 4096
+"""The longest request head kept parsed for the next time the same bytes come."""
+
+HEAD_MEMO_ENTRIES = 256
+
+
+class ParsedHeads:
+    """
+    Request heads parsed before, by their exact bytes: a keep-alive client
+    (a browser, a download tool, a load balancer's health check) sends the
+    same head again and again, and parsing is a pure function of those
+    bytes, so a head seen before needs no second parse.  Only heads that
+    parsed without error are kept; at most L{HEAD_MEMO_ENTRIES} of at most
+    L{HEAD_MEMO_SIZE} bytes, the oldest dropped first.
+    """
+
+    def __init__(self, entries: int = HEAD_MEMO_ENTRIES) -> None:
+        self._entries = entries
+        self._kept: dict[bytes, RequestHead] = {}
+
+    def get(self, block: bytes) -> RequestHead | None:
+        return self._kept.get(block)
+
+    def keep(self, block: bytes, head: RequestHead) -> None:
+        kept = self._kept
+        if len(kept) >= self._entries:
+            del kept[next(iter(kept))]
+        kept[block] = head
+
+
+def _body_length(response: bytes) -> int:
+    """The body bytes of a whole response written at once."""
+    return len(response) - response.index(b"\r\n\r\n") - 4
+
+
 def _plain(head: RequestHead) -> bool:
     """A GET that asks for no range and sets no condition."""
     for name, _ in head.fields:
@@ -113,6 +148,7 @@ class HttpSession:
         self._reader = HeadReader()
         self._buffer = buffered
         self._busy = False
+        self._asked_head = False
 
     @property
     def head_open(self) -> bool:
@@ -142,22 +178,50 @@ class HttpSession:
                     self._buffer = b""
                     return
                 buffer = self._buffer
+                if not self._reader.started:
+                    end = buffer.find(b"\r\n\r\n", 0, HEAD_MEMO_SIZE)
+                    if end >= 0:
+                        # A whole head: parsed once, kept by its bytes.
+                        self._buffer = buffer[end + 4 :]
+                        self._whole_head(buffer[: end + 4])
+                        continue
                 end = buffer.find(b"\n")
                 if end < 0:
                     if len(buffer) > MAX_HEADER_LINE + 1:
                         self._buffer = b""
-                        self.line_too_long()
+                        self.line_too_long(buffer[:8])
                     return
                 self._buffer = buffer[end + 1 :]
                 if end > MAX_HEADER_LINE + 1:
                     self._buffer = b""
-                    self.line_too_long()
+                    self.line_too_long(buffer[:8])
                     return
                 self.line_received(buffer[:end])
         finally:
             self._busy = False
 
+    def _whole_head(self, block: bytes) -> None:
+        heads = self._factory.http_heads
+        head = heads.get(block)
+        if head is None:
+            lines = block.split(b"\n")
+            self._asked_head = lines[0].startswith(b"HEAD ")
+            try:
+                for line in lines[:-1]:
+                    head = self._reader.feed(line)
+            except HttpError as e:
+                self._refuse(e.status, e.message)
+                return
+            if head is None:
+                return  # only empty lines, which may come before a request
+            heads.keep(block, head)
+        self._conn.request_arrived()
+        self._request(head)
+
     def line_received(self, line: bytes) -> None:
+        if not self._reader.started:
+            # A refusal of a HEAD request has no body either (RFC 9112 6.3).
+            self._asked_head = line.startswith(b"HEAD ")
         try:
             head = self._reader.feed(line)
         except HttpError as e:
@@ -167,19 +231,23 @@ class HttpSession:
             self._conn.request_arrived()
             self._request(head)
 
-    def line_too_long(self) -> None:
+    def line_too_long(self, start: bytes = b"") -> None:
+        """A line longer than the limit; C{start}: its first bytes, if it is a request line."""
         if self._reader.started:
             self._refuse(431, "header line too long")
         else:
+            self._asked_head = start.startswith(b"HEAD ")
             self._refuse(414, "request line too long")
 
     def _refuse(self, status: int, message: str) -> None:
         """A head that cannot be read: answered, logged, and the connection closed."""
         conn = self._conn
         self._responder.count_request(http=True)
-        data = error_response(status, message, date=self._factory.dates.now(), close=True)
+        data = error_response(
+            status, message, date=self._factory.dates.now(), close=True, head_only=self._asked_head
+        )
         conn.write_whole(data)
-        conn.access(b"HTTP (malformed)", str(status), 0, self._factory.clock.seconds(), "-")
+        conn.access(b"HTTP (malformed)", str(status), _body_length(data), self._factory.clock.seconds(), "-")
         conn.transport.loseConnection()
 
     # Answering
@@ -327,7 +395,7 @@ class HttpSession:
             head_only=ex.head_only,
             extra=(extra or []) + ([("Connection", "keep-alive")] if ex.keep and ex.head.version == (1, 0) else []),
         )
-        self._finish(ex, status, data, 0, "-")
+        self._finish(ex, status, data, _body_length(data), "-")
 
     def _finish(self, ex: _Exchange, status: int, data: bytes, sent: int, cache: str) -> None:
         conn = self._conn

@@ -19,7 +19,7 @@ from filecache import wire
 from filecache.daemon.admission import Admission, Network
 from filecache.daemon.bodies import Sent
 from filecache.daemon.connection import Connection
-from filecache.daemon.http import HttpSession, ReadyResponses
+from filecache.daemon.http import HttpSession, ParsedHeads, ReadyResponses
 from filecache.daemon.httphead import DateCache, is_request_line, starts_like_http
 from filecache.daemon.listing import ListBody, ListResult
 from filecache.daemon.responder import (
@@ -42,7 +42,7 @@ class FileCacheProtocol(Connection):
         if self._http is None and self._lines == 0 and self.factory.http and starts_like_http(line):
             self._http = HttpSession(self)
         if self._http is not None:
-            self._http.line_too_long()
+            self._http.line_too_long(line[:8])
             return
         reply = self.factory.responder.malformed(
             wire.TOO_LONG, f"request line longer than {wire.MAX_LINE} bytes"
@@ -211,6 +211,7 @@ class FileCacheFactory(_ProtocolFactory):
         self.http = http
         self.dates = DateCache(clock.seconds)
         self.http_ready = ReadyResponses()
+        self.http_heads = ParsedHeads()
         if admission is None:
             admission = Admission(
                 clock, max_connections=max_connections, max_per_ip=max_per_ip, allow=allow, http=http
