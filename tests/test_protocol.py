@@ -1489,10 +1489,15 @@ class FakeDirectTransport:
     producer's resumeProducing, once Twisted's own buffer is empty).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, queued: bytes = b"OK 3145728 v\r\n") -> None:
         self.producer: Any = None
         self.start_writing = 0
         self.unregistered = 0
+        # Twisted's own buffer (sockets.buffer_empty reads it): by default a
+        # status line still waits in it when the body starts.
+        self._tempDataLen = 0
+        self.dataBuffer = queued
+        self.offset = 0
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         assert self.producer is None
@@ -1545,6 +1550,23 @@ def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     b.close()
 
 
+def test_direct_sender_starts_at_once_when_nothing_is_queued(
+    socket_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """With Twisted's buffer empty (the head went straight to the socket), the first call sends."""
+    sock, peer = socket_pair
+    data = noise(1000)
+    done: Deferred[int] = Deferred()
+    results: list[Any] = []
+    done.addBoth(results.append)
+    transport = FakeDirectTransport(queued=b"")
+    transport.registerProducer(
+        transfer._DirectSender(transport, len(data), lambda sent, n: sock.send(data[sent: sent + n]), done, lambda: None),
+        False,
+    )
+    assert (transport.start_writing, read_available(peer), results) == (0, data, [len(data)])
+
+
 def test_direct_sender_waits_for_the_transport_then_sends_everything(
     socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -1575,6 +1597,7 @@ def test_direct_sender_waits_for_the_transport_then_sends_everything(
         False,
     )
     first = (transport.start_writing, read_available(peer))
+    transport.dataBuffer = b""  # the doWrite that calls it again has sent the status line
     received = run_direct(transport, peer)
 
     assert first == (1, b"")

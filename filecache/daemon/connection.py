@@ -232,7 +232,9 @@ class Connection(LineReceiver, TimeoutMixin):
         # is resumed instead), and reading is held by _replying meanwhile.
         transport.unregisterProducer()
         self._backpressure = False
-        transport.write(head)
+        # Straight to the socket when nothing is queued, so that a body sent
+        # from the socket too may follow at once.
+        write_now(transport, head, self._socket)
         self._progressed()
         return transport
 

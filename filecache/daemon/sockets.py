@@ -65,7 +65,7 @@ def direct_socket(transport: object) -> socket.socket | None:
     The socket under C{transport} if we may write to it directly: a plain
     TCP or UNIX stream connection, not TLS, whose Twisted buffer we can see
     into.  Checked once per connection: if a Twisted release renames what
-    L{_buffer_empty} reads, this says C{None} and every byte goes through
+    L{buffer_empty} reads, this says C{None} and every byte goes through
     C{transport.write}, slower but correct.
     """
     if (
@@ -81,7 +81,7 @@ def direct_socket(transport: object) -> socket.socket | None:
 
 
 def _buffer_readable(transport: object) -> bool:
-    # The private parts of Twisted's FileDescriptor that _buffer_empty reads.
+    # The private parts of Twisted's FileDescriptor that buffer_empty reads.
     return (
         isinstance(getattr(transport, "_tempDataLen", None), int)
         and isinstance(getattr(transport, "dataBuffer", None), (bytes, bytearray, memoryview))
@@ -90,7 +90,8 @@ def _buffer_readable(transport: object) -> bool:
     )
 
 
-def _buffer_empty(transport: Any) -> bool:
+def buffer_empty(transport: Any) -> bool:
+    """Whether Twisted holds no unsent bytes for C{transport} (one L{direct_socket} found)."""
     # Twisted's FileDescriptor keeps unsent bytes in dataBuffer (from
     # offset on) and _tempDataBuffer; both empty means nothing is queued.
     empty: bool = transport._tempDataLen == 0 and len(transport.dataBuffer) == transport.offset
@@ -104,7 +105,7 @@ def write_now(transport: Any, data: bytes, sock: socket.socket | None) -> None:
     that fits in the socket buffer then costs one C{send} and no
     write-readiness round trip through the reactor.
     """
-    if sock is not None and _buffer_empty(transport):
+    if sock is not None and buffer_empty(transport):
         try:
             sent = sock.send(data)
         except OSError:

@@ -22,7 +22,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from filecache.daemon.sockets import direct_socket
+from filecache.daemon.sockets import buffer_empty, direct_socket
 
 SLICE = 64 * 1024
 """Bytes handed to a transport per write when we go through Twisted's buffer."""
@@ -89,10 +89,13 @@ class _DirectSender:
     def resumeProducing(self) -> None:
         if not self._started:
             # registerProducer calls us at once, while the transport may
-            # still hold unsent bytes: wait for its doWrite to call again.
+            # still hold unsent bytes: then wait for its doWrite to call
+            # again.  With nothing queued (the head went straight to the
+            # socket), go on now: a reactor turn saved per reply.
             self._started = True
-            self._transport.startWriting()
-            return
+            if not buffer_empty(self._transport):
+                self._transport.startWriting()
+                return
         budget = TURN
         try:
             while self._sent < self._length and budget > 0:
