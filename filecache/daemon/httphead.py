@@ -233,7 +233,7 @@ def _field_error(line: bytes) -> HttpError:
         return HttpError(400, "whitespace before a colon")
     if colon and _TOKEN(name) is None and b"\r" not in name:
         return HttpError(400, "header name is not a token")
-    return _line_error(line, "control character in a header value" if colon else "no colon")
+    return _line_error(line, "control character in a header value" if colon else "no colon in a header")
 
 
 def _line_error(line: bytes, message: str) -> HttpError:
@@ -323,12 +323,13 @@ UNSATISFIABLE: Final = Unsatisfiable.UNSATISFIABLE
 """L{parse_range}'s answer for a valid C{Range} that no byte satisfies (416)."""
 
 _RANGE_SPEC = re.compile(rb"([0-9]*)-([0-9]*)\Z").match
-_BEYOND = 10**4000  # past any file; a position of more digits is taken as this
+_BEYOND = 10**31  # past any file: what a position of more than 30 digits is taken as
 
 
-def _position(digits: bytes) -> int:
-    digits = digits.lstrip(b"0")  # and never convert thousands of digits
-    return int(digits or b"0") if len(digits) < 4000 else _BEYOND
+def _position(digits: bytes) -> tuple[int, int, bytes]:
+    """A position as a number (never converting thousands of digits) and an exact sort key."""
+    digits = digits.lstrip(b"0")
+    return (int(digits or b"0") if len(digits) <= 30 else _BEYOND), len(digits), digits
 
 
 def parse_range(value: bytes, size: int) -> tuple[int, int] | Unsatisfiable | None:
@@ -357,13 +358,13 @@ def parse_range(value: bytes, size: int) -> tuple[int, int] | Unsatisfiable | No
         specs += 1
         first_digits, last_digits = match.groups()
         if not first_digits:
-            suffix = _position(last_digits)
+            suffix = _position(last_digits)[0]
             if suffix and size:
                 found.append((max(0, size - suffix), size - 1))
             continue
-        first = _position(first_digits)
-        last = _position(last_digits) if last_digits else _BEYOND
-        if last < first:
+        first, *first_key = _position(first_digits)
+        last, *last_key = _position(last_digits) if last_digits else (_BEYOND, _BEYOND, b"")
+        if last_key < first_key:  # compared exactly, however many digits
             return None
         if first < size:
             found.append((first, min(last, size - 1)))
@@ -401,15 +402,18 @@ def check_conditions(head: RequestHead, etag: str, last_modified: int) -> int | 
     if if_match is not None:
         if not _etag_matches(if_match, etag, weak=False):
             return 412
-    else:
-        date = parse_http_date(head.get(b"if-unmodified-since") or b"")
+    elif (since := head.get(b"if-unmodified-since")) is not None:
+        date = parse_http_date(since)
         if date is not None and last_modified > date:
             return 412
     if_none_match = head.get(b"if-none-match")
     if if_none_match is not None:
         return 304 if _etag_matches(if_none_match, etag, weak=True) else None
-    date = parse_http_date(head.get(b"if-modified-since") or b"")
-    return 304 if date is not None and last_modified <= date else None
+    if (since := head.get(b"if-modified-since")) is not None:
+        date = parse_http_date(since)
+        if date is not None and last_modified <= date:
+            return 304
+    return None
 
 
 def if_range_allows(head: RequestHead, etag: str, last_modified: int) -> bool:
@@ -454,18 +458,16 @@ def parse_http_date(value: bytes) -> int | None:
         return None
     day, month, year, hour, minute, second = match.group("d", "m", "y", "H", "M", "S")
     number = int(year)
-    if len(year) == 2:  # RFC 9110 5.6.7: more than 50 years ahead means in the past
+    if len(year) == 2:  # RFC 9110 5.6.7: never more than 50 years ahead, else the latest past
         this = time.gmtime().tm_year
-        century = this - this % 100
-        number += century if century + number <= this + 50 else century - 100
-    clock = (int(hour), int(minute), int(second))
+        past = this - (this - number) % 100
+        number = past + 100 if past + 100 <= this + 50 else past
     try:
-        datetime.date(number, _MONTHS[month], int(day))
+        moment = datetime.datetime(number, _MONTHS[month], int(day), int(hour), int(minute),
+                                   int(second), tzinfo=datetime.timezone.utc)
     except ValueError:
         return None
-    if clock[0] > 23 or clock[1] > 59 or clock[2] > 60:
-        return None
-    return calendar.timegm((number, _MONTHS[month], int(day), *clock))
+    return calendar.timegm(moment.utctimetuple())
 
 
 class DateCache:
@@ -494,6 +496,7 @@ REASONS: dict[int, str] = {
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
     503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
+_STATUS_LINES = {status: b" %d %s\r\n" % (status, reason.encode()) for status, reason in REASONS.items()}
 
 
 def format_head(status: int, fields: list[tuple[str, str]], *, version: bytes = b"HTTP/1.1") -> bytes:
@@ -501,8 +504,8 @@ def format_head(status: int, fields: list[tuple[str, str]], *, version: bytes = 
     lines = "".join([f"{name}: {value}\r\n" for name, value in fields])
     if lines.count("\n") != len(fields) or lines.count("\r") != len(fields):
         raise ValueError("CR or LF in a response header field")
-    reason = REASONS.get(status, "").encode("ascii")
-    return b"%s %d %s\r\n%s\r\n" % (version, status, reason, lines.encode("ascii"))
+    status_line = _STATUS_LINES.get(status) or b" %d %s\r\n" % (status, REASONS.get(status, "").encode())
+    return b"".join((version, status_line, lines.encode("ascii"), b"\r\n"))
 
 
 def error_response(status: int, message: str, *, date: bytes, close: bool, head_only: bool = False,
