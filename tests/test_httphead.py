@@ -471,6 +471,7 @@ def expected_outcomes(lines: Sequence[bytes]) -> list[Outcome]:
     fields: list[tuple[bytes, bytes]] = []
 
     def fail(status: int) -> list[Outcome]:
+        """The outcomes so far, and then C{status}."""
         return [*outcomes, status]
 
     for raw in lines:
@@ -880,6 +881,11 @@ def test_wants_json(query: str, accept: bytes | None, expected: bool) -> None:
         (b"bytes=" + b"9" * 40 + b"-" + b"9" * 39, 10, None),
         (b"bytes=1" + b"0" * 40 + b"-" + b"9" * 40, 10, None),
         (b"bytes=0-1,3-4", 10, None),
+        (b"bytes=" + b"0-1," * 15 + b"0-1", 10, None),
+        (b"bytes=" + b"20-30," * 15 + b"20-30", 10, UNSATISFIABLE),
+        (b"bytes=" + b"20-30," * 16 + b"20-30", 10, None),
+        (b"bytes=" + b"," * 16 + b"1-2", 10, None),
+        (b"bytes=" + b"," * 15 + b"1-2", 10, (1, 2)),
         (b"bytes=0-1, -2", 10, None),
         (b"bytes=0-1,0-1", 10, None),
         (b"bytes=5-2", 10, None),
@@ -900,7 +906,10 @@ def test_wants_json(query: str, accept: bytes | None, expected: bool) -> None:
     ],
 )
 def test_ranges(value: bytes, size: int, expected: object) -> None:
-    """One satisfiable range is read; valid but unsatisfiable sets are 416; the rest ignored."""
+    """
+    One satisfiable range is read; valid but unsatisfiable sets are 416; the
+    rest is ignored, and so is a set of more than MAX_RANGES (16) elements.
+    """
     assert parse_range(value, size) == expected
 
 

@@ -174,10 +174,7 @@ class HeadReader:
                 raise HttpError(400, "missing Host")
             head = _fill(_new(RequestHead), self._method, self._target, self._version,
                          tuple(self._fields), index)
-            self._method = None
-            self._fields = []
-            self._index = {}
-            self._size = 0
+            self._method, self._fields, self._index, self._size = None, [], {}, 0
             return head
         fields = self._fields
         if len(fields) >= MAX_FIELDS:
@@ -323,6 +320,7 @@ UNSATISFIABLE: Final = Unsatisfiable.UNSATISFIABLE
 """L{parse_range}'s answer for a valid C{Range} that no byte satisfies (416)."""
 
 _RANGE_SPEC = re.compile(rb"([0-9]*)-([0-9]*)\Z").match
+MAX_RANGES = 16  # range specs (or empty list elements) read in one Range
 _BEYOND = 10**31  # past any file: what a position of more than 30 digits is taken as
 
 
@@ -344,8 +342,8 @@ def parse_range(value: bytes, size: int) -> tuple[int, int] | Unsatisfiable | No
         satisfiable ranges (answered with the whole file).
     """
     unit, equals, ranges = value.partition(b"=")
-    if not equals or unit.lower() != b"bytes":
-        return None
+    if not equals or unit.lower() != b"bytes" or ranges.count(b",") >= MAX_RANGES:
+        return None  # a set of many ranges may be ignored (RFC 9110 14.2): it costs time
     found: list[tuple[int, int]] = []
     specs = 0
     for spec in ranges.split(b","):
@@ -386,6 +384,8 @@ def _etag_matches(value: bytes, etag: str, weak: bool) -> bool:
     if ours_weak and not weak:
         return False
     wanted = (etag[3:-1] if ours_weak else etag[1:-1]).encode("latin-1")
+    if b'"' + wanted + b'"' not in value:
+        return False  # the common answer, without a match object per entity-tag
     for match in _ETAG.finditer(value):
         if match[2] == wanted and (weak or match[1] is None):
             return True
