@@ -563,7 +563,7 @@ INTERESTING = [b"\r", b"\n", b"\x00", b" ", b"\t", b":", b"\x7f", b"\x80", b"\xf
 
 def mostly(valid: list[bytes], invalid: list[bytes], odds: int = 7) -> st.SearchStrategy[bytes]:
     """One of C{valid}, C{odds} times as often as one of C{invalid}."""
-    # Not one_of(valid, valid, ..., invalid): hypothesis draws its branches evenly.
+    # Not one_of(valid, valid, ..., invalid): hypothesis does not weight repeated branches.
     return st.sampled_from(valid * (odds * len(invalid)) + invalid * len(valid))
 
 
@@ -614,7 +614,7 @@ def heads(draw: st.DrawFn) -> bytes:
     end = draw(terminators)
     line = draw(methods) + b" " + draw(targets) + b" " + draw(versions)
     near = draw(st.sampled_from([None, None, None, "request line", "head", "fields", "blanks"]))
-    delta = draw(st.integers(-1, 1))
+    delta = draw(st.integers(0, 1))  # at the limit, or one past it
     if near == "request line":
         stretch = httphead.MAX_REQUEST_LINE + delta - len(line)
         line = line.replace(b" ", b" /" + b"v" * max(0, stretch - 1), 1)
@@ -665,7 +665,7 @@ def check_reader(data: bytes) -> None:
     assert actual_outcomes(lines) == expected_outcomes(lines)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(mutated())
 @example(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
 @example(b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 8190 + b"\r\n\r\n")
@@ -694,7 +694,7 @@ def small_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(httphead, "MAX_FIELDS", 6)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=mutated())
 def test_reader_agrees_at_small_limits(small_limits: None, data: bytes) -> None:
     """The same holds at every limit: lines and heads of about the limits' sizes, fields past the limit."""
