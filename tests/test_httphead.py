@@ -11,25 +11,32 @@ import hashlib
 import pathlib
 import string
 import time
+import types
 from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from filecache.daemon import httphead
+from filecache.daemon import httphead, httpreply
 from filecache.daemon.httphead import (
     MAX_FIELDS,
     MAX_HEAD,
     MAX_HEADER_LINE,
     MAX_REQUEST_LINE,
-    REASONS,
-    UNSATISFIABLE,
-    DateCache,
     HeadReader,
     HttpError,
     RequestHead,
     Target,
+    is_request_line,
+    parse_target,
+    starts_like_http,
+    wants_json,
+)
+from filecache.daemon.httpreply import (
+    REASONS,
+    UNSATISFIABLE,
+    DateCache,
     check_conditions,
     content_type,
     error_response,
@@ -37,13 +44,9 @@ from filecache.daemon.httphead import (
     format_head,
     http_date,
     if_range_allows,
-    is_request_line,
     parse_http_date,
     parse_range,
-    parse_target,
     repr_digest,
-    starts_like_http,
-    wants_json,
 )
 from filecache.wire import GetRequest, HashRequest, format_request, quote_path
 
@@ -1190,8 +1193,10 @@ def test_content_type(path: str, expected: str) -> None:
     assert content_type(path) == expected
 
 
-def test_module_is_pure() -> None:
+@pytest.mark.parametrize("module", [httphead, httpreply])
+def test_module_is_pure(module: types.ModuleType) -> None:
     """The grammar imports neither Twisted nor anything that does I/O of its own."""
-    source = pathlib.Path(httphead.__file__).read_text(encoding="utf-8")
+    assert module.__file__ is not None
+    source = pathlib.Path(module.__file__).read_text(encoding="utf-8")
     assert "twisted" not in source
     assert "import socket" not in source and "import os" not in source

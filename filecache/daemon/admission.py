@@ -18,13 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from filecache import wire
-from filecache.daemon.httphead import (
-    MAX_HEADER_LINE,
-    DateCache,
-    error_response,
-    is_request_line,
-    starts_like_http,
-)
+from filecache.daemon.httphead import MAX_HEADER_LINE, is_request_line, starts_like_http
+from filecache.daemon.httpreply import DateCache, error_response
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

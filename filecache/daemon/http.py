@@ -19,11 +19,15 @@ from filecache.daemon.bodies import FileAnswer, Sent
 from filecache.daemon.cache import CacheEntry
 from filecache.daemon.httphead import (
     MAX_HEADER_LINE,
-    UNSATISFIABLE,
     HeadReader,
     HttpError,
     RequestHead,
     Target,
+    parse_target,
+    wants_json,
+)
+from filecache.daemon.httpreply import (
+    UNSATISFIABLE,
     check_conditions,
     content_type,
     error_response,
@@ -32,9 +36,7 @@ from filecache.daemon.httphead import (
     http_date,
     if_range_allows,
     parse_range,
-    parse_target,
     repr_digest,
-    wants_json,
 )
 from filecache.daemon.listing import ListResult
 from filecache.daemon.responder import INLINE_LIMIT, Reply
