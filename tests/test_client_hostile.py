@@ -43,7 +43,17 @@ class HostileServer(LoopbackServer):
 
     def _run(self) -> None:
         deadline = time.monotonic() + self._lifetime
-        threading.Timer(self._lifetime, self.stopping.set).start()
+        # A daemon thread, cancelled when the server stops: a pending timer
+        # kept the test process from exiting for up to a minute.
+        timer = threading.Timer(self._lifetime, self.stopping.set)
+        timer.daemon = True
+        timer.start()
+        try:
+            self._accept_until(deadline)
+        finally:
+            timer.cancel()
+
+    def _accept_until(self, deadline: float) -> None:
         while not self.stopping.is_set() and time.monotonic() < deadline:
             try:
                 conn, _ = self._listener.accept()
@@ -172,26 +182,31 @@ def test_an_endless_list_is_cut_at_max_list_rows() -> None:
 # Dripped replies
 
 
+# The drips below take 15 s or more to send a status line, and a minute for
+# the whole reply: a client whose timer any byte resets would take that long,
+# far past the bound of each test, at --timeout 1 (one window) as at 2.
+
+
 def test_a_dripped_status_line_is_bounded_by_the_timeout(tmp_path: Path) -> None:
     """
     A GET status line sent one byte every 0.5 s, each byte resetting a
-    silence timer: with --timeout 2 the client gives up about 2 s after
+    silence timer: with --timeout 1 the client gives up about 1 s after
     its request (exit 3), not when the server is done.
     """
     handler = drip(b"OK 100 " + VERSION + b"\r\n" + b"x" * 100)
     out = tmp_path / "out"
     with HostileServer(handler) as server:
         status, _, err, seconds, _ = run(
-            server.port, "get", "f.bin", "-o", str(out), "--timeout", "2", "--retries", "0", timeout=30
+            server.port, "get", "f.bin", "-o", str(out), "--timeout", "1", "--retries", "0", timeout=30
         )
     assert status == 3, err
     assert err.splitlines() == [PROG + "f.bin: timed out waiting for the server"]
-    assert 2 <= seconds < 8
+    assert 1 <= seconds < 8
 
 
 def test_a_dripped_body_is_cut_as_too_slow_and_its_part_kept(tmp_path: Path) -> None:
     """
-    A prompt status line, then the body a byte every 0.5 s: with --timeout 2
+    A prompt status line, then the body a byte every 0.5 s: with --timeout 1
     the client gives up after one window (exit 3, "too slow"), keeping what
     came for a later resume.
     """
@@ -203,12 +218,12 @@ def test_a_dripped_body_is_cut_as_too_slow_and_its_part_kept(tmp_path: Path) -> 
     out = tmp_path / "out"
     with HostileServer(handler) as server:
         status, _, err, seconds, _ = run(
-            server.port, "get", "f.bin", "-o", str(out), "--timeout", "2", "--retries", "0", timeout=30
+            server.port, "get", "f.bin", "-o", str(out), "--timeout", "1", "--retries", "0", timeout=30
         )
     names = sorted(os.listdir(out))
     assert status == 3, err
-    assert err.splitlines() == [PROG + "f.bin: the server is too slow: under 16 KiB in 2 s"]
-    assert 2 <= seconds < 8
+    assert err.splitlines() == [PROG + "f.bin: the server is too slow: under 16 KiB in 1 s"]
+    assert 1 <= seconds < 8
     assert names == [".f.bin.filecache-part", ".f.bin.filecache-part.json"]
 
 
@@ -216,9 +231,9 @@ def test_dripped_list_rows_are_cut_as_too_slow() -> None:
     """LIST rows dripped (20 bytes a second): exit 3 within a few --timeout windows, no listing."""
     handler = drip(b"OK\r\n" + b"1 1700000000 - a.txt\r\n" * 100 + b"END 100\r\n", every=0.05)
     with HostileServer(handler) as server:
-        status, out, err, seconds, _ = run(server.port, "list", "--timeout", "2", timeout=30)
+        status, out, err, seconds, _ = run(server.port, "list", "--timeout", "1", timeout=30)
     assert status == 3, err
-    assert err.splitlines() == [PROG + "the server is too slow: under 16 KiB in 2 s"]
+    assert err.splitlines() == [PROG + "the server is too slow: under 16 KiB in 1 s"]
     assert out == ""
     assert seconds < 8
 
