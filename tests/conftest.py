@@ -300,6 +300,12 @@ class LoopbackServer:
         tb: TracebackType | None,
     ) -> None:
         self.stopping.set()
+        # Wake an accept() under way at once (it fails with EINVAL) rather
+        # than after its poll timeout: a tenth of a second per test.
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._thread.join(10)
         self._listener.close()
         assert not self._thread.is_alive(), f"the {self._thread.name} thread did not stop"
