@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import DaemonFactory, RawClient
+from conftest import DaemonFactory, RawClient, stats, wait_for
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -26,7 +26,9 @@ from filecache.daemon.responder import Responder
 MiB = 1024 * 1024
 
 
-def slow_get(port: int, name: bytes, rate: int, result: dict[str, object]) -> None:
+def slow_get(
+    port: int, name: bytes, rate: int, result: dict[str, object], started: threading.Event
+) -> None:
     """Download C{name} reading about C{rate} bytes a second; record what came."""
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
@@ -38,6 +40,7 @@ def slow_get(port: int, name: bytes, rate: int, result: dict[str, object]) -> No
             chunk = s.recv(64 * 1024)
             if not chunk:
                 break
+            started.set()
             data += chunk  # a bytearray grows in place: no copy per chunk
             time.sleep(len(chunk) / rate)
     except OSError as e:
@@ -48,13 +51,20 @@ def slow_get(port: int, name: bytes, rate: int, result: dict[str, object]) -> No
 
 def test_sigterm_lets_a_slow_download_finish(shared: Path, daemon_factory: DaemonFactory) -> None:
     """SIGTERM mid-download: new connections are refused, the download completes intact, exit status 0."""
-    content = os.urandom(48 * MiB)
+    # 1.5 s of reading; the daemon has written all but its send buffer and
+    # the reader's 256 KiB (4.25 MiB at most) after 1.3 s.  SIGTERM comes as
+    # soon as the first bytes are in, and the checks below 0.3 s later: a
+    # margin of about a second, as before (SIGTERM at 0.5 s of 2 s).
+    content = os.urandom(36 * MiB)
     (shared / "big.bin").write_bytes(content)
     daemon = daemon_factory(shared, "--drain-timeout", "30")
     result: dict[str, object] = {}
-    reader = threading.Thread(target=slow_get, args=(daemon.port, b"big.bin", 24 * MiB, result))
+    started = threading.Event()
+    reader = threading.Thread(
+        target=slow_get, args=(daemon.port, b"big.bin", 24 * MiB, result, started)
+    )
     reader.start()
-    time.sleep(0.5)
+    assert started.wait(10), "the download did not start"
     daemon.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     refused = False
@@ -86,7 +96,17 @@ def test_drain_timeout_aborts_what_is_left(shared: Path, daemon_factory: DaemonF
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.sendall(b"GET big.bin\r\n")
     idle = RawClient(daemon.port)
-    time.sleep(0.5)
+    probes = 0
+
+    def both_in() -> bool:
+        # Both connected (the STATS probe is the third) and the GET read:
+        # STATS counts every request, itself and each earlier probe included.
+        nonlocal probes
+        probes += 1
+        figures = stats(daemon.port)
+        return figures["connections_active"] == 3 and figures["requests"] > probes
+
+    wait_for(both_in, 10, "both connections and the stuck GET")
     t0 = time.monotonic()
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(20) == 0
