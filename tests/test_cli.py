@@ -251,7 +251,9 @@ def test_ctrl_c_on_a_terminal_stops_at_once_and_keeps_the_partial_file(
     partial file kept) and names the two not started; the partial file and
     its sidecar stay, and the same get then resumes from them.
     """
-    data = os.urandom(128 * MiB)
+    # 64 MiB: more than the 8 MiB the client has when it is stopped plus all
+    # the loopback socket buffers can hold (32 MiB to receive, 4 MiB to send).
+    data = os.urandom(64 * MiB)
     (shared / "big.bin").write_bytes(data)
     (shared / "small.bin").write_bytes(b"s" * 100)
     (shared / "c.bin").write_bytes(b"c" * 100)
@@ -288,7 +290,7 @@ def test_sigterm_during_get_exits_143_and_keeps_the_partial_file(
     shared: Path, daemon: Daemon, tmp_path: Path
 ) -> None:
     """`kill -TERM` mid-file (no terminal): exit 143, the same report, the partial file and sidecar kept."""
-    (shared / "big.bin").write_bytes(os.urandom(128 * MiB))
+    (shared / "big.bin").write_bytes(os.urandom(64 * MiB))
     out = tmp_path / "out"
     process = subprocess.Popen(
         [tool("filecache-client"), "127.0.0.1", str(daemon.port), "get", "big.bin", "-o", str(out)],

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 from conftest import DaemonFactory, RawClient, stats, wait_for
@@ -48,11 +47,15 @@ def test_workers_share_the_port(shared: Path, daemon_factory: DaemonFactory) -> 
                 client.close()
         finally:
             os.kill(stopped, signal.SIGCONT)
-    time.sleep(0.5)
-    log = daemon.log_text()
-    by_worker = len(re.findall(r"worker 1: \[filecache\.daemon\.native\.FileCacheProtocol#info\] .* GET a\.txt OK", log))
-    by_parent = len(re.findall(r"\] 127\.0\.0\.1:\d+ GET a\.txt OK", log)) - by_worker
-    assert (by_worker, by_parent) == (10, 10)
+
+    def served() -> tuple[int, int]:
+        """GETs logged by the worker and by the parent (a worker's lines reach the log through the parent)."""
+        log = daemon.log_text()
+        by_worker = len(re.findall(r"worker 1: \[filecache\.daemon\.native\.FileCacheProtocol#info\] .* GET a\.txt OK", log))
+        return by_worker, len(re.findall(r"\] 127\.0\.0\.1:\d+ GET a\.txt OK", log)) - by_worker
+
+    wait_for(lambda: sum(served()) >= 20, 10, "the 20 access lines")
+    assert served() == (10, 10)
 
 
 def test_stats_says_which_worker_answered(shared: Path, daemon_factory: DaemonFactory) -> None:
