@@ -106,10 +106,10 @@ class Daemon:
         return self.process.returncode
 
 
-def start_daemon(
+def launch_daemon(
     folder: Path, log: Path, *extra: str, port: str = "tcp:0:interface=127.0.0.1"
 ) -> Daemon:
-    """Start C{twistd -n filecache} serving C{folder}; wait until it listens."""
+    """Start C{twistd -n filecache} serving C{folder}; do not wait (see L{wait_listening})."""
     args = [
         tool("twistd"),
         "--nodaemon",
@@ -123,8 +123,13 @@ def start_daemon(
         *extra,
     ]
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    daemon = Daemon(process, log)
-    deadline = time.monotonic() + 20
+    return Daemon(process, log)
+
+
+def wait_listening(daemon: Daemon, timeout: float = 20) -> Daemon:
+    """Wait until C{daemon} says it listens, and note its port; stop it and fail if it does not."""
+    log, process = daemon.log, daemon.process
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if log.exists():
             match = _PORT_LINE.search(log.read_bytes())
@@ -139,9 +144,76 @@ def start_daemon(
     raise RuntimeError(f"daemon did not start (status {process.returncode}):\n{text}")
 
 
+def start_daemon(
+    folder: Path, log: Path, *extra: str, port: str = "tcp:0:interface=127.0.0.1"
+) -> Daemon:
+    """Start C{twistd -n filecache} serving C{folder}; wait until it listens."""
+    return wait_listening(launch_daemon(folder, log, *extra, port=port))
+
+
+class DaemonPool:
+    """
+    Daemons for the C{daemon} fixture, each started while the test before it
+    runs: a twistd takes 0.3 s to start (more on a loaded machine) and forty
+    tests ask for one.  Each test still gets a daemon of its own, with
+    default options, serving an empty folder of its own, started before the
+    test's first line as before, only earlier.
+    """
+
+    def __init__(self, root: Path, items: list[pytest.Item]) -> None:
+        self._root = root
+        # The tests that will ask, in the order they run (after any shuffle).
+        self._order = [item.nodeid for item in items if "daemon" in getattr(item, "fixturenames", ())]
+        self._ahead: dict[str, Daemon] = {}
+
+    def _folder(self, nodeid: str) -> Path:
+        return self._root / str(self._order.index(nodeid)) / "shared"
+
+    def folder_for(self, nodeid: str) -> Path | None:
+        """The folder the daemon started ahead for test C{nodeid} serves, if one was."""
+        return self._folder(nodeid) if nodeid in self._ahead else None
+
+    def take(self, nodeid: str) -> Daemon | None:
+        """The daemon started ahead for test C{nodeid}, listening; C{None} if none was."""
+        daemon = self._ahead.pop(nodeid, None)
+        return None if daemon is None else wait_listening(daemon)
+
+    def start_next(self, nodeid: str) -> None:
+        """Start the daemon of the next test that asks for one, after test C{nodeid}."""
+        if nodeid not in self._order:
+            return
+        following = self._order[self._order.index(nodeid) + 1 :]
+        if not following or following[0] in self._ahead:
+            return
+        folder = self._folder(following[0])
+        folder.mkdir(parents=True)
+        self._ahead[following[0]] = launch_daemon(folder, folder.parent / "daemon.log")
+
+    def close(self) -> None:
+        """Stop every daemon started for a test that never came (skipped, deselected, interrupted)."""
+        for daemon in self._ahead.values():
+            daemon.stop()
+        self._ahead.clear()
+
+
+@pytest.fixture(scope="session")
+def daemon_pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPool]:
+    pool = DaemonPool(tmp_path_factory.mktemp("daemons-ahead"), request.session.items)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def shared(tmp_path: Path) -> Path:
-    """An empty folder to share."""
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """
+    An empty folder to share: C{tmp_path/shared}, or for a test that asks
+    for C{daemon} the folder of the daemon started ahead for it.
+    """
+    if "daemon" in request.fixturenames:
+        pool: DaemonPool = request.getfixturevalue("daemon_pool")
+        ahead = pool.folder_for(request.node.nodeid)
+        if ahead is not None:
+            return ahead
     folder = tmp_path / "shared"
     folder.mkdir()
     return folder
@@ -171,9 +243,19 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
 
 
 @pytest.fixture
-def daemon(shared: Path, daemon_factory: DaemonFactory) -> Daemon:
+def daemon(
+    request: pytest.FixtureRequest, shared: Path, daemon_factory: DaemonFactory, daemon_pool: DaemonPool
+) -> Iterator[Daemon]:
     """A daemon serving C{shared} with default options."""
-    return daemon_factory(shared)
+    ahead = daemon_pool.take(request.node.nodeid)
+    daemon_pool.start_next(request.node.nodeid)  # it starts while this test runs
+    if ahead is None:
+        yield daemon_factory(shared)
+        return
+    assert ahead.log.parent == shared.parent
+    yield ahead
+    if not ahead.stopped:
+        ahead.stop()
 
 
 class RawClient:

@@ -415,13 +415,15 @@ HOSTILE = [
 ]
 
 
-def test_hostile_paths(shared: Path, tmp_path: Path, daemon: Daemon, raw: RawClient) -> None:
+def test_hostile_paths(shared: Path, daemon: Daemon, raw: RawClient) -> None:
     """Every path that leaves the folder or names a non-file is refused, with no hint, and the connection goes on."""
-    (tmp_path / "outside.txt").write_bytes(b"outside")
+    # Right beside the shared folder, where ../outside.txt would lead.
+    outside = shared.parent / "outside.txt"
+    outside.write_bytes(b"outside")
     write(shared, ".secret", b"s")
     write(shared, ".git/config", b"[core]")
     write(shared, "ok.txt", b"ok")
-    (shared / "link-out").symlink_to(tmp_path / "outside.txt")
+    (shared / "link-out").symlink_to(outside)
     (shared / "link-out-dir").symlink_to("/etc")
     (shared / "link-to-dot").symlink_to(shared / ".secret")
     (shared / "loop-a").symlink_to("loop-b")
