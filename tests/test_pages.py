@@ -13,6 +13,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import tracemalloc
+import weakref
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -27,10 +30,18 @@ from twisted.python.failure import Failure
 
 from filecache.daemon.diskwork import BlockingRunner, run_now
 from filecache.daemon.folder import NotShared, SharedFolder
+from filecache.daemon.folders import (
+    NAMES_STEP,
+    SETTLE_NS,
+    FolderEntry,
+    FolderNames,
+    FolderNamesStore,
+    OpenedFolder,
+)
 from filecache.daemon.listing import KERNEL_QUEUE, ListResult
 from filecache.daemon.pages import LAST_CHUNK, FolderPage, human_size, when
 from filecache.daemon.transfer import TransferFailed
-from filecache.daemon.walk import WALK_STEP, FolderEntry, OpenedFolder
+from filecache.daemon.walk import WALK_STEP, open_folder_fd
 from filecache.wire import printable, unquote_path
 
 T = TypeVar("T")
@@ -577,7 +588,7 @@ def test_a_client_that_does_not_read_holds_one_step_not_the_page(big_folder: Pat
             taken.append(reader.take())
     taken.append(reader.take())
     assert pauses > 50
-    # One step of 1,024 rows is about 100 KiB of HTML.
+    # One step of PAGE_STEP rows is about 28 KiB of HTML.
     assert reader.most_held < 64 * 1024 + 200 * 1024
     decoded, ended = dechunked(b"".join(taken))
     assert ended and results[0].rows == 100_000
@@ -637,6 +648,225 @@ def test_discard_and_the_end_close_the_descriptor(tmp_path: Path) -> None:
     assert open_fds() == fds
     body_of(page(folder))
     assert open_fds() == fds
+
+
+# The names: one compact snapshot per version of a folder, shared
+
+
+def settled_store() -> FolderNamesStore:
+    """A store of its own whose clock says every folder changed long ago."""
+    return FolderNamesStore(now_ns=lambda: time.time_ns() + 10 * 10**9)
+
+
+def opened(root: Path, store: FolderNamesStore) -> OpenedFolder:
+    """The folder C{root}, open for a page, its names shared through C{store}."""
+    return OpenedFolder("", open_folder_fd(str(root), ()), lambda real: True, True, store=store)
+
+
+def json_page(folder: OpenedFolder, run_blocking: BlockingRunner = run_now, max_entries: int = 1_000_000) -> FolderPage:
+    return FolderPage(
+        folder, "", "json", chunked=False, run_blocking=run_blocking, marked=never, max_entries=max_entries
+    )
+
+
+def paths_of(body: FolderPage) -> list[str]:
+    data, result = body_of(body)
+    assert result.error is None
+    return [e["path"] for e in json.loads(data)]
+
+
+def read_names(folder: OpenedFolder) -> FolderNames:
+    """Read C{folder}'s names to their end; the names."""
+    while not folder.read_names():
+        pass
+    assert folder.names is not None
+    return folder.names
+
+
+def make_files(root: Path, names: list[str]) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names:
+            os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def test_pages_of_an_unchanged_folder_share_one_snapshot_read_once(tmp_path: Path) -> None:
+    """
+    Two pages of one folder, the second opened while the first is still
+    reading the names (more than one step of them): the second joins that
+    reading, both end with the very same names object, and both list every
+    entry in order.
+    """
+    names = [f"f{n:05d}" for n in range(NAMES_STEP + 500)]
+    make_files(tmp_path, names)
+    (tmp_path / "sub").mkdir()
+    store = settled_store()
+    steps = QueuedSteps()
+    first, second = opened(tmp_path, store), opened(tmp_path, store)
+    one, two = json_page(first, steps), json_page(second, steps)
+    consumers = [StringTransport(), StringTransport()]
+    one.send(consumers[0])
+    steps.run_one()  # the first step of names, by the first page
+    assert first.names is None
+    two.send(consumers[1])
+    steps.run_all()
+    assert first.names is None and second.names is None  # both pages have ended
+    expected = ["sub/", *names]
+    for consumer in consumers:
+        assert [e["path"] for e in json.loads(consumer.value())] == expected
+    # Once more, holding the names while both are alive.
+    first, second = opened(tmp_path, store), opened(tmp_path, store)
+    read_names(first)
+    assert second.read_names()  # already read: no step of its own
+    assert first.names is second.names
+    assert len(store) == 1
+    first.close()
+    second.close()
+
+
+def test_a_folder_changed_between_two_pages_gets_a_new_snapshot(tmp_path: Path) -> None:
+    """
+    A file added after a first page has read the names: a second page gets
+    a snapshot of its own, with the new file; the first keeps its own.
+    Through the process's own store and clock.
+    """
+    make_files(tmp_path, ["a", "c"])
+    time.sleep(2 * SETTLE_NS / 1e9)
+    folder = SharedFolder(str(tmp_path))
+    first = folder.open_folder("")
+    names = read_names(first)
+    make_files(tmp_path, ["b"])
+    second = folder.open_folder("")
+    assert paths_of(json_page(second)) == ["a", "b", "c"]
+    third = folder.open_folder("")
+    assert read_names(third) is not names
+    assert names.names(0, len(names)) == ["a", "c"]
+    assert paths_of(json_page(first)) == ["a", "c"]
+    third.close()
+
+
+def test_a_folder_changed_just_now_is_not_shared(tmp_path: Path) -> None:
+    """
+    A folder whose times are within SETTLE_NS of now could change again
+    without its times changing: each page reads the names for itself.
+    Seconds later they are shared.
+    """
+    make_files(tmp_path, ["a"])
+    st = os.stat(tmp_path)
+    changed = max(st.st_mtime_ns, st.st_ctime_ns)
+    now = [changed + SETTLE_NS // 2]
+    store = FolderNamesStore(now_ns=lambda: now[0])
+    first, second = opened(tmp_path, store), opened(tmp_path, store)
+    assert read_names(first) is not read_names(second) and len(store) == 0
+    now[0] = changed + 3 * 10**9  # past the settling time of any file system
+    third, fourth = opened(tmp_path, store), opened(tmp_path, store)
+    assert read_names(third) is read_names(fourth) and len(store) == 1
+    for each in (first, second, third, fourth):
+        each.close()
+
+
+def test_the_snapshot_goes_when_the_last_page_ends(tmp_path: Path) -> None:
+    """
+    The names live while a page holds them: one page sent to its end and
+    another discarded before its end, the snapshot object is gone (no
+    garbage collection needed), the store holds nothing and every
+    descriptor is closed.
+    """
+    make_files(tmp_path, [f"f{n}" for n in range(3 * WALK_STEP)])
+    store = settled_store()
+    fds = open_fds()
+    first, second = opened(tmp_path, store), opened(tmp_path, store)
+    one = json_page(first)
+    steps = QueuedSteps()
+    two = json_page(second, steps)
+    two.send(StringTransport())
+    while second.names is None:
+        steps.run_one()
+    steps.run_one()  # a step of entries: the page is midway
+    names = weakref.ref(second.names)
+    assert len(paths_of(one)) == 3 * WALK_STEP
+    assert names() is not None and len(store) == 1
+    two.discard()
+    assert names() is None
+    assert len(store) == 0
+    assert open_fds() == fds
+
+
+def test_a_reading_left_unfinished_by_all_its_pages_closes_and_is_not_joined(tmp_path: Path) -> None:
+    """
+    Every page of a reading still under way goes: its directory stream is
+    closed, and a later page starts a reading of its own that lists it all.
+    """
+    make_files(tmp_path, [f"f{n:05d}" for n in range(NAMES_STEP + 10)])
+    store = settled_store()
+    fds = open_fds()
+    first = opened(tmp_path, store)
+    assert not first.read_names()  # one step: the stream is open
+    assert open_fds() == fds + 2
+    first.close()
+    assert open_fds() == fds and len(store) == 0
+    assert len(paths_of(json_page(opened(tmp_path, store)))) == NAMES_STEP + 10
+
+
+def test_each_page_keeps_its_own_entry_limit_on_shared_names(tmp_path: Path) -> None:
+    """
+    Pages sharing the names still have their own bounds: one allowing 3
+    entries of a folder of 5 ends with "more than 3 entries", before and
+    after another page has read them all, which lists the 5.
+    """
+    make_files(tmp_path, [f"f{n}" for n in range(5)])
+    store = settled_store()
+    small, large = opened(tmp_path, store), opened(tmp_path, store)
+    assert body_of(json_page(small, max_entries=3))[1].error == "more than 3 entries"
+    assert paths_of(json_page(large)) == [f"f{n}" for n in range(5)]
+    held = opened(tmp_path, store)
+    read_names(held)
+    after = opened(tmp_path, store)
+    assert body_of(json_page(after, max_entries=3))[1].error == "more than 3 entries"
+    held.close()
+
+
+def test_compact_names_round_trip_odd_names() -> None:
+    """
+    The packed form gives back every name as it was (unicode, spaces,
+    %, &, <, quotes, control characters), subfolders first, each part
+    sorted by UTF-8 bytes, and any slice of them; an empty folder too.
+    """
+    folders = ["<d&>", "z dir", "é", "A"]
+    files = [*ODD_NAMES, "Ω", "\u00a0nbsp", "a", "B"]
+    names = FolderNames.of(folders, files, seen=42)
+    utf8 = lambda some: sorted(some, key=lambda n: n.encode("utf-8"))  # noqa: E731
+    assert names.names(0, len(names)) == utf8(folders) + utf8(files)
+    assert names.folders == 4 and names.seen == 42
+    everything = names.names(0, len(names))
+    for start in range(len(names)):
+        for end in range(start, len(names) + 1):
+            assert names.names(start, end) == everything[start:end]
+    empty = FolderNames.of([], [])
+    assert len(empty) == 0 and empty.names(0, 0) == [] and empty.folders == 0
+
+
+def test_the_names_of_100000_files_take_about_12_bytes_each(big_folder: Path) -> None:
+    """
+    The names of 100,000 files (7 bytes each): what stays allocated is one
+    byte more each and a 4-byte offset, not a string object each (about 56
+    bytes more); while they are read, no more than about twice that.
+    """
+    store = settled_store()
+    tracemalloc.start()
+    try:
+        folder = opened(big_folder, store)
+        read_names(folder)
+        held, peak = tracemalloc.get_traced_memory()
+        folder.close()
+        left, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held / 100_000 < 13, f"{held / 100_000:.1f} bytes per name"
+    assert peak / 100_000 < 24, f"{peak / 100_000:.1f} bytes per name at the peak"
+    assert left < 16 * 1024
 
 
 # Opening a folder: confined like the LIST walk

@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable
 
 from filecache.daemon.diskwork import BlockingRunner
+from filecache.daemon.folders import FolderEntry, OpenedFolder
 from filecache.daemon.listing import SteppedBody
-from filecache.daemon.walk import MAX_WALK_ENTRIES, FolderEntry, OpenedFolder
+from filecache.daemon.walk import MAX_WALK_ENTRIES
 from filecache.wire import printable, quote_path
 
 CONTENT_TYPES = {"html": "text/html; charset=utf-8", "json": "application/json"}
@@ -21,6 +22,14 @@ CONTENT_TYPES = {"html": "text/html; charset=utf-8", "json": "application/json"}
 
 LAST_CHUNK = b"0\r\n\r\n"
 """What ends a chunked body (no trailers)."""
+
+PAGE_STEP = 256
+"""Entries one step states and renders: about 28 KiB of HTML, as much as a
+LIST step's rows.  Well under L{filecache.daemon.listing.KERNEL_QUEUE}, so a
+client who reads finds the kernel's queue short enough for the next step at
+once (at 1,024, about 110 KiB, every step waited for the queue to be looked
+at again: a listing of 100,000 files took twice as long), and the transient
+buffers of a step, which the allocator keeps, stay small."""
 
 _STYLE = (
     "body{font-family:sans-serif;margin:1.5em}"
@@ -73,9 +82,11 @@ class FolderPage(SteppedBody[tuple[int, bytes] | None]):
     may be shared is listed (L{OpenedFolder}).
 
     The first steps read the names (to sort them, bounded by
-    C{max_entries}); each later step states and renders up to 1,024 entries,
-    so an unread page holds one step of rows and the names, whatever the
-    folder's size (see L{SteppedBody}).  The folder's descriptor is closed
+    C{max_entries}), or find them read: every page of one unchanged folder
+    shares one compact copy of its names (L{OpenedFolder}), which goes when
+    the last of them ends.  Each later step states and renders up to
+    L{PAGE_STEP} entries, so an unread page holds one step of rows, whatever
+    the folder's size (see L{SteppedBody}).  The folder's descriptor is closed
     when the page ends, is stopped or is discarded.
 
     With C{chunked}, every write is one HTTP/1.1 chunk and the end is the
@@ -131,7 +142,7 @@ class FolderPage(SteppedBody[tuple[int, bytes] | None]):
         if not self._names_read:
             self._names_read = self._folder.read_names(self._max_entries)
             return (0, b"")
-        entries = self._folder.next_entries()
+        entries = self._folder.next_entries(PAGE_STEP)
         if entries is None:
             return None
         render = self._html_row if self._html else self._json_entry

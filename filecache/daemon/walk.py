@@ -1,7 +1,7 @@
 """
 Walks of the shared folder by directory descriptors, a bounded step at a
-time, for LIST and for folder pages: never out of the tree, never for ever,
-never all at once.
+time, for LIST (and their bounds and descriptor helpers, which folder pages
+share): never out of the tree, never for ever, never all at once.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 MAX_WALK_ENTRIES = 1_000_000
 """The most directory entries one walk looks at before it gives up."""
@@ -24,6 +24,13 @@ WALK_STEP = 1024
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH = getattr(os, "O_PATH", 0)
+
+if TYPE_CHECKING:
+    # For SharedFolder, which still imports OpenedFolder from here (see
+    # __getattr__ at the end).
+    from filecache.daemon import folders
+
+    OpenedFolder = folders.OpenedFolder
 
 R = TypeVar("R")
 
@@ -261,169 +268,12 @@ def open_folder_fd(root: str, parts: tuple[str, ...]) -> int:
     return fd
 
 
-NAMES_STEP = 16 * WALK_STEP
-"""Directory entries one L{OpenedFolder.read_names} call looks at, at most:
-a name costs far less than a stat, so this step is larger than the walk's."""
+def __getattr__(name: str) -> object:
+    # OpenedFolder moved to folders.py, which imports this module: a plain
+    # import here would be a cycle, and SharedFolder still imports it from
+    # here.  (PEP 562: looked up only when asked for, after both loaded.)
+    if name == "OpenedFolder":
+        from filecache.daemon.folders import OpenedFolder
 
-
-class FolderEntry(NamedTuple):
-    """One entry of a folder level: its name, whether it is a subfolder, its state."""
-
-    name: str
-    folder: bool
-    stat: os.stat_result
-
-
-class OpenedFolder:
-    """
-    One folder of the shared tree, open by its descriptor, read a bounded
-    step at a time: first the names of its entries (L{read_names}, until it
-    says they are all read), sorted by their UTF-8 bytes, subfolders first;
-    then their states (L{next_entries}).  Only what may be shared is kept:
-    real subfolders (never a symlink to one) and regular files (or symlinks
-    whose target is a regular file inside the shared folder), no name that
-    starts with C{.}, holds a backslash or is not UTF-8.  Memory is the
-    names, bounded by the entry limit.
-
-    One thread at a time reads; L{close} may be called from another thread
-    meanwhile: the descriptor is then closed as soon as the step under way
-    returns, by whichever thread is last.  The owner must L{close} it.
-
-    @ivar path: the folder's path inside the shared folder (C{""}: the root).
-    @ivar fd: its descriptor.
-    """
-
-    def __init__(self, path: str, fd: int, inside: Callable[[str], bool], proc_fds: bool) -> None:
-        self.path = path
-        self.fd = fd
-        self._inside = inside
-        self._proc_fds = proc_fds
-        self._lock = threading.Lock()
-        self._closing = False
-        self._closed = False
-        self._entries: os._ScandirIterator[str] | None = None
-        self._seen = 0
-        self._folders: list[str] = []
-        self._files: list[str] = []
-        self._sorted = False
-        self._at = 0
-
-    def read_names(self, max_entries: int = MAX_WALK_ENTRIES, step: int = NAMES_STEP) -> bool:
-        """
-        Read the names of up to C{step} more entries; C{True} once every
-        name is read and sorted (and from then on).
-
-        @raise WalkTooLarge: past C{max_entries} directory entries.
-        @raise OSError: if the folder cannot be read.
-        """
-        with self._lock:
-            if self._closing or self._sorted:
-                done = True
-            else:
-                done = self._read_names(max_entries, step)
-        if self._closing:
-            self.close()
-        return done
-
-    def _read_names(self, max_entries: int, step: int) -> bool:
-        if self._entries is None:
-            self._entries = os.scandir(self.fd)
-        folders = self._folders
-        files = self._files
-        stop = self._seen + step
-        for entry in self._entries:
-            self._seen += 1
-            name = entry.name
-            if name[0] != "." and "\\" not in name and _is_utf8(name):
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.append(name)
-                    elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                        files.append(name)
-                except OSError as e:
-                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                        raise
-            if self._seen > max_entries:
-                raise WalkTooLarge(f"more than {max_entries} entries")
-            if self._seen >= stop:
-                return False
-        self._entries.close()
-        self._entries = None
-        # Code point order is the order of the UTF-8 bytes.
-        folders.sort()
-        files.sort()
-        self._sorted = True
-        return True
-
-    def next_entries(self, step: int = WALK_STEP) -> list[FolderEntry] | None:
-        """
-        The next (up to) C{step} entries, in order, each with its state as
-        it is now (an entry gone or changed into something unshared since
-        its name was read is left out); C{None} once they are all given.
-        Call it once L{read_names} has said C{True}.
-
-        @raise OSError: if descriptors run out.
-        """
-        with self._lock:
-            found = None if self._closing else self._next_entries(step)
-        if self._closing:
-            self.close()
-        return found
-
-    def _next_entries(self, step: int) -> list[FolderEntry] | None:
-        assert self._sorted, "read_names first"
-        folders = self._folders
-        total = len(folders) + len(self._files)
-        if self._at >= total:
-            return None
-        found: list[FolderEntry] = []
-        fd = self.fd
-        end = min(self._at + step, total)
-        for i in range(self._at, end):
-            folder = i < len(folders)
-            name = folders[i] if folder else self._files[i - len(folders)]
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if folder:
-                    if not stat.S_ISDIR(st.st_mode):
-                        continue
-                elif stat.S_ISLNK(st.st_mode):
-                    target = link_target(fd, name, self._inside, self._proc_fds)
-                    if target is None:
-                        continue
-                    st = target
-                elif not stat.S_ISREG(st.st_mode):
-                    continue
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                    raise
-                continue
-            found.append(FolderEntry(name, folder, st))
-        self._at = end
-        return found
-
-    def close(self) -> None:
-        """Close the descriptor; reading ends here.  Safe to call more than once."""
-        self._closing = True
-        if self._lock.acquire(blocking=False):
-            try:
-                if not self._closed:
-                    self._closed = True
-                    if self._entries is not None:
-                        self._entries.close()
-                        self._entries = None
-                    os.close(self.fd)
-                self._folders = []
-                self._files = []
-            finally:
-                self._lock.release()
-
-
-def _is_utf8(name: str) -> bool:
-    if name.isascii():
-        return True
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        return OpenedFolder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
