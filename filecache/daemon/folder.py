@@ -11,13 +11,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from filecache.daemon.walk import (
-    MAX_WALK_DEPTH,
-    MAX_WALK_ENTRIES,
-    FolderWalk,
-    OpenedFolder,
-    open_folder_fd,
-)
+from filecache.daemon.folders import OpenedFolder
+from filecache.daemon.walk import MAX_WALK_DEPTH, MAX_WALK_ENTRIES, FolderWalk, open_folder_fd
 from filecache.wire import PathError, split_path
 
 # Errors that mean "there is no shareable file by that name"; every other

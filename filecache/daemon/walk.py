@@ -11,7 +11,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 MAX_WALK_ENTRIES = 1_000_000
 """The most directory entries one walk looks at before it gives up."""
@@ -24,13 +24,6 @@ WALK_STEP = 1024
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH = getattr(os, "O_PATH", 0)
-
-if TYPE_CHECKING:
-    # For SharedFolder, which still imports OpenedFolder from here (see
-    # __getattr__ at the end).
-    from filecache.daemon import folders
-
-    OpenedFolder = folders.OpenedFolder
 
 R = TypeVar("R")
 
@@ -267,13 +260,3 @@ def open_folder_fd(root: str, parts: tuple[str, ...]) -> int:
         raise
     return fd
 
-
-def __getattr__(name: str) -> object:
-    # OpenedFolder moved to folders.py, which imports this module: a plain
-    # import here would be a cycle, and SharedFolder still imports it from
-    # here.  (PEP 562: looked up only when asked for, after both loaded.)
-    if name == "OpenedFolder":
-        from filecache.daemon.folders import OpenedFolder
-
-        return OpenedFolder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
