@@ -12,11 +12,12 @@ import ipaddress
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import ram_folder
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -237,16 +238,23 @@ def test_fresh_small_file_is_read_again_once_settled(tmp_path: Path) -> None:
 # Item 6: LIST under backpressure.
 
 
-def test_list_asks_no_step_while_paused_or_while_the_kernel_queue_is_full(tmp_path: Path) -> None:
+@pytest.fixture
+def ram_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An empty folder in memory, for the thousands of files a walk needs (no disk journal to wait on)."""
+    with ram_folder(tmp_path_factory) as folder:
+        yield folder
+
+
+def test_list_asks_no_step_while_paused_or_while_the_kernel_queue_is_full(ram_path: Path) -> None:
     """
     A LIST body asks for its next walk step only when the transport is not
     paused and no more than KERNEL_QUEUE bytes wait in the kernel; it looks
     again later, and finishes with END <n> (item 6).
     """
     for n in range(3000):
-        (tmp_path / f"f{n}").write_bytes(b"")
+        (ram_path / f"f{n}").write_bytes(b"")
     steps = QueuedSteps()
-    folder = SharedFolder(str(tmp_path))
+    folder = SharedFolder(str(ram_path))
     body = ListBody(folder.walk(), lambda path, st: False, steps)
     transport = StringTransport()
     unsent = [0]
@@ -269,15 +277,15 @@ def test_list_asks_no_step_while_paused_or_while_the_kernel_queue_is_full(tmp_pa
     assert transport.value().endswith(b"END 3000\r\n")
 
 
-def test_list_stopped_midway_closes_the_walk(tmp_path: Path) -> None:
+def test_list_stopped_midway_closes_the_walk(ram_path: Path) -> None:
     """A LIST whose connection is lost closes its walk's descriptors and asks no more steps."""
     for d in range(3):
-        (tmp_path / f"d{d}").mkdir()
+        (ram_path / f"d{d}").mkdir()
         for n in range(2000):
-            (tmp_path / f"d{d}" / f"f{n}").write_bytes(b"")
+            (ram_path / f"d{d}" / f"f{n}").write_bytes(b"")
     fds = len(os.listdir("/proc/self/fd"))
     steps = QueuedSteps()
-    body = ListBody(SharedFolder(str(tmp_path)).walk(), lambda path, st: False, steps)
+    body = ListBody(SharedFolder(str(ram_path)).walk(), lambda path, st: False, steps)
     done = body.send(StringTransport())
     work, waiting = steps.queue.pop(0)
     waiting.callback(work())
