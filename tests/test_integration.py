@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, DaemonFactory, RawClient, free_port, open_fds, run_client, tool
+from conftest import (
+    Daemon,
+    DaemonFactory,
+    RawClient,
+    free_port,
+    open_fds,
+    run_client,
+    tool,
+    wait_for,
+)
 
 
 def sha(data: bytes) -> str:
@@ -360,8 +369,7 @@ def test_client_disconnecting_mid_transfer(shared: Path, daemon: Daemon) -> None
     _, body, _end = client.get(b"big.bin")
     assert body == data
     client.close()
-    time.sleep(0.3)
-    assert open_fds(daemon.pid) == before
+    wait_for(lambda: open_fds(daemon.pid) == before, 10, f"the daemon to be back to {before} descriptors")
     assert "Traceback" not in daemon.log_text()
 
 
@@ -470,7 +478,8 @@ def test_access_log_lines_and_switch(shared: Path, daemon_factory: DaemonFactory
     client.get(b"a.txt")
     client.get(b"missing")
     client.close()
-    time.sleep(0.3)
+    # Once it has exited, every line it would write is in its log.
+    assert daemon.stop() == 0
     lines = [line for line in daemon.log_text().splitlines() if "FileCacheProtocol" in line]
     assert len(lines) == 3
     assert " 127.0.0.1:" in lines[0] and " GET a.txt OK 5 " in lines[0]
@@ -480,7 +489,7 @@ def test_access_log_lines_and_switch(shared: Path, daemon_factory: DaemonFactory
     client = RawClient(quiet.port)
     client.get(b"a.txt")
     client.close()
-    time.sleep(0.3)
+    assert quiet.stop() == 0
     assert "FileCacheProtocol" not in quiet.log_text()
     assert "filecache serving" in quiet.log_text()
 
@@ -515,5 +524,6 @@ def test_daemon_never_writes_to_the_folder(shared: Path, daemon: Daemon, tmp_pat
     cut.close()
     result = run_client("127.0.0.1", str(daemon.port), "get", "a.txt", "sub/b.bin", "-o", str(tmp_path / "out"))
     assert result.returncode == 0
-    time.sleep(0.3)
+    # Stopped, it has done all it will do (its shutdown too).
+    assert daemon.stop() == 0
     assert snapshot() == before
