@@ -41,8 +41,14 @@ def stop_when_part_has(process: subprocess.Popen[str], part: Path, size: int) ->
     """SIGSTOP the client once C{part} holds C{size} bytes; return its size then."""
     wait_for(lambda: part.exists() and part.stat().st_size >= size, 30, f"{part} to reach {size}")
     process.send_signal(signal.SIGSTOP)
-    time.sleep(0.2)
+    # A signal is delivered a little later: wait until the kernel shows it stopped.
+    wait_for(lambda: process_state(process.pid) == "T", 10, "the client to stop")
     return part.stat().st_size
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process C{pid} in /proc (T: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
 def test_lost_connection_resumes_from_the_part(
