@@ -377,20 +377,31 @@ def test_draining_answers_carry_connection_close(root: Path) -> None:
     assert t.disconnecting  # idle: closed at once
 
 
-def test_a_head_seen_before_is_not_parsed_again_and_errors_are_never_kept(root: Path) -> None:
+def test_header_fields_seen_before_are_not_read_again_and_errors_are_never_kept(root: Path) -> None:
     factory = make(root)
     proto, t = connect(factory)
-    head = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+    fields = b"Host: x\r\nAccept: */*\r\n\r\n"
+    first = b"GET /hello.txt HTTP/1.1\r\n" + fields
+    second = b"HEAD /big.bin HTTP/1.1\r\n" + fields
     # Empty lines between requests are ignored (RFC 9112 2.2).
-    assert len(parse(send(proto, t, head + b"\r\n\r\n" + head), count=2)) == 2
-    kept = factory.http_heads.get(head)
-    assert kept is not None and kept.target == b"/hello.txt"
-    assert factory.http_heads.get(b"\r\n\r\n") is None
-    bad = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"
+    responses = parse(send(proto, t, first + b"\r\n\r\n" + second), [b"GET", b"HEAD"])
+    assert [r.status for r in responses] == [200, 200]
+    assert responses[0].body == SMALL and responses[1].headers["content-length"] == str(len(BIG))
+    kept = factory.http_heads.get((1, 1), fields)
+    assert kept is not None and kept.get(b"accept") == b"*/*"
+    # The same fields under HTTP/1.0 are another entry; a bad request line
+    # before known fields is still refused.
+    assert factory.http_heads.get((1, 0), fields) is None
+    other, t2 = connect(factory)
+    assert send(other, t2, b"GET /hello.txt HTTP/2.0\r\n" + fields).startswith(b"HTTP/1.1 505 ")
+    other, t2 = connect(factory)
+    out = send(other, t2, first + b"GET  /hello.txt HTTP/1.1\r\n" + fields)
+    assert out.count(b"HTTP/1.1 200 ") == 1 and b"HTTP/1.1 400 " in out and t2.disconnecting
+    bad = b"Host: x\r\nHost: y\r\n\r\n"
     for _ in range(2):
         other, t2 = connect(factory)
-        assert send(other, t2, bad).startswith(b"HTTP/1.1 400 ")
-    assert factory.http_heads.get(bad) is None
+        assert send(other, t2, b"GET /hello.txt HTTP/1.1\r\n" + bad).startswith(b"HTTP/1.1 400 ")
+    assert factory.http_heads.get((1, 1), bad) is None
 
 
 def test_refusals_of_head_requests_have_no_body(root: Path) -> None:

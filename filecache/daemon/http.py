@@ -23,8 +23,10 @@ from filecache.daemon.httphead import (
     HttpError,
     RequestHead,
     Target,
+    parse_request_line,
     parse_target,
     wants_json,
+    with_request_line,
 )
 from filecache.daemon.httpreply import (
     UNSATISFIABLE,
@@ -102,26 +104,28 @@ HEAD_MEMO_ENTRIES = 256
 
 class ParsedHeads:
     """
-    Request heads parsed before, by their exact bytes: a keep-alive client
-    (a browser, a download tool, a load balancer's health check) sends the
-    same head again and again, and parsing is a pure function of those
-    bytes, so a head seen before needs no second parse.  Only heads that
-    parsed without error are kept; at most L{HEAD_MEMO_ENTRIES} of at most
+    The header fields of request heads read before, by their exact bytes
+    and the request's version: a keep-alive client (a browser, a download
+    tool, a load balancer's health check) sends the same fields again and
+    again with only the request line changing, and reading the fields is a
+    pure function of those bytes, so fields seen before need no second
+    reading; the request line is still read every time.  Only heads read
+    without error are kept; at most L{HEAD_MEMO_ENTRIES} of at most
     L{HEAD_MEMO_SIZE} bytes, the oldest dropped first.
     """
 
     def __init__(self, entries: int = HEAD_MEMO_ENTRIES) -> None:
         self._entries = entries
-        self._kept: dict[bytes, RequestHead] = {}
+        self._kept: dict[tuple[tuple[int, int], bytes], RequestHead] = {}
 
-    def get(self, block: bytes) -> RequestHead | None:
-        return self._kept.get(block)
+    def get(self, version: tuple[int, int], fields: bytes) -> RequestHead | None:
+        return self._kept.get((version, fields))
 
-    def keep(self, block: bytes, head: RequestHead) -> None:
+    def keep(self, fields: bytes, head: RequestHead) -> None:
         kept = self._kept
         if len(kept) >= self._entries:
             del kept[next(iter(kept))]
-        kept[block] = head
+        kept[(head.version, fields)] = head
 
 
 def _body_length(response: bytes) -> int:
@@ -204,19 +208,32 @@ class HttpSession:
 
     def _whole_head(self, block: bytes) -> None:
         heads = self._factory.http_heads
-        head = heads.get(block)
-        if head is None:
-            lines = block.split(b"\n")
-            self._asked_head = lines[0].startswith(b"HEAD ")
+        end = block.find(b"\n")
+        line, fields = block[:end], block[end + 1 :]
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        self._asked_head = line.startswith(b"HEAD ")
+        head = None
+        if line:
             try:
-                for line in lines[:-1]:
-                    head = self._reader.feed(line)
+                method, target, version = parse_request_line(line)
+            except HttpError as e:
+                self._refuse(e.status, e.message)
+                return
+            known = heads.get(version, fields)
+            if known is not None:
+                head = with_request_line(known, method, target)
+        if head is None:
+            try:
+                for part in block.split(b"\n")[:-1]:
+                    head = self._reader.feed(part)
             except HttpError as e:
                 self._refuse(e.status, e.message)
                 return
             if head is None:
                 return  # only empty lines, which may come before a request
-            heads.keep(block, head)
+            if line:
+                heads.keep(fields, head)
         self._conn.request_arrived()
         self._request(head)
 

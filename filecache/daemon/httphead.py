@@ -189,19 +189,36 @@ class HeadReader:
         return None
 
     def _request_line(self, line: bytes, size: int) -> None:
-        if len(line) > MAX_REQUEST_LINE:
-            raise HttpError(414, "request line too long")
-        if size > MAX_HEAD:
+        if size > MAX_HEAD and len(line) <= MAX_REQUEST_LINE:
             raise HttpError(431, "request head too large")
-        match = _REQUEST_LINE(line)
-        if match is None:
-            raise _line_error(line, "malformed request line")
-        method, target, major, minor = match.groups()
-        if major != b"1":
-            raise HttpError(505, "HTTP version not supported")
-        self._method = method
-        self._target = target
-        self._version = _V10 if minor == b"0" else _V11
+        self._method, self._target, self._version = parse_request_line(line)
+
+
+def parse_request_line(line: bytes) -> tuple[bytes, bytes, tuple[int, int]]:
+    """
+    The method, target and version of a request line (without its line
+    end), checked as L{HeadReader} checks it.
+
+    @raise HttpError: C{414}, C{400} or C{505}.
+    """
+    if len(line) > MAX_REQUEST_LINE:
+        raise HttpError(414, "request line too long")
+    match = _REQUEST_LINE(line)
+    if match is None:
+        raise _line_error(line, "malformed request line")
+    method, target, major, minor = match.groups()
+    if major != b"1":
+        raise HttpError(505, "HTTP version not supported")
+    return method, target, _V10 if minor == b"0" else _V11
+
+
+def with_request_line(head: RequestHead, method: bytes, target: bytes) -> RequestHead:
+    """
+    A head with C{head}'s version and header fields (shared, as both are
+    immutable) and another method and target: for a head whose fields were
+    read before.
+    """
+    return _fill(_new(RequestHead), method, target, head.version, head.fields, head._index)
 
 
 def _check_field(name: bytes, value: bytes) -> None:
