@@ -54,14 +54,19 @@ _UNREADABLE = "file cannot be read now; try again"
 class _Exchange:
     """One request being answered: what the access log and the head need."""
 
-    __slots__ = ("head", "head_only", "keep", "label", "started")
+    __slots__ = ("head", "head_only", "keep", "started")
 
-    def __init__(self, head: RequestHead, keep: bool, label: bytes, started: float) -> None:
+    def __init__(self, head: RequestHead, keep: bool, started: float) -> None:
         self.head = head
         self.keep = keep
         self.head_only = head.method == b"HEAD"
-        self.label = label
         self.started = started
+
+    @property
+    def label(self) -> bytes:
+        """The request as the access log shows it."""
+        head = self.head
+        return b"HTTP/1.%d %s %s" % (head.version[1], head.method, head.target[:200])
 
 
 READY_BUDGET = 8 * 1024 * 1024
@@ -275,8 +280,7 @@ class HttpSession:
         factory = self._factory
         self._responder.count_request(http=True)
         started = factory.clock.seconds() if factory.access_log else 0.0
-        label = b"HTTP/1.%d %s %s" % (head.version[1], head.method, head.target[:200])
-        ex = _Exchange(head, head.keep_alive and not factory.draining, label, started)
+        ex = _Exchange(head, head.keep_alive and not factory.draining, started)
         if head.method == b"GET" and ex.keep and head.version == (1, 1) and self._ready(ex):
             return
         if head.method != b"GET" and head.method != b"HEAD":
@@ -421,11 +425,16 @@ class HttpSession:
         if conn.transport is None or not conn.connected:
             return
         conn.write_whole(data)
-        conn.access(ex.label, str(status), sent, ex.started, cache)
+        if self._factory.access_log:
+            self._access(ex, str(status), sent, ex.started, cache)
         if ex.keep:
             conn.finish_simple()
         else:
             conn.transport.loseConnection()
+
+    def _access(self, ex: _Exchange, status: str, sent: int, started: float, cache: str) -> None:
+        if self._factory.access_log:
+            self._conn.access(ex.label, status, sent, started, cache)
 
     def _body_sent(self, sent: Sent, ex: _Exchange, status: int, answer: FileAnswer) -> None:
         conn = self._conn
@@ -435,10 +444,10 @@ class HttpSession:
                 path=wire.printable(answer.path),
                 peer=conn.peer,
             )
-            conn.access(ex.label, f"{status}-changed", sent.sent, ex.started, answer.cache)
+            self._access(ex, f"{status}-changed", sent.sent, ex.started, answer.cache)
             conn.transport.loseConnection()
             return
-        conn.access(ex.label, str(status), sent.sent, ex.started, answer.cache)
+        self._access(ex, str(status), sent.sent, ex.started, answer.cache)
         self._after_stream(ex)
 
     def _after_stream(self, ex: _Exchange) -> None:
@@ -450,7 +459,7 @@ class HttpSession:
     def _body_failed(self, reason: Failure, ex: _Exchange, status: int, answer: Any) -> None:
         sent = reason.value.sent if isinstance(reason.value, TransferFailed) else 0
         conn = self._conn
-        conn.access(ex.label, f"{status}-cut", sent, ex.started, getattr(answer, "cache", "-"))
+        self._access(ex, f"{status}-cut", sent, ex.started, getattr(answer, "cache", "-"))
         if conn.transport is not None and conn.connected:
             conn.transport.abortConnection()
 
@@ -484,8 +493,8 @@ class HttpSession:
     def _page_sent(self, result: ListResult, ex: _Exchange) -> None:
         conn = self._conn
         if result.error is not None:
-            conn.access(ex.label, "200-cut", result.sent, ex.started, "-")
+            self._access(ex, "200-cut", result.sent, ex.started, "-")
             conn.transport.loseConnection()
             return
-        conn.access(ex.label, "200", result.sent, ex.started, "-")
+        self._access(ex, "200", result.sent, ex.started, "-")
         self._after_stream(ex)
