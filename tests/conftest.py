@@ -122,7 +122,10 @@ def launch_daemon(
         str(folder),
         *extra,
     ]
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    # What twistd says before its log opens (an option it refuses, a plugin
+    # it cannot load) goes beside the log, for wait_listening to show.
+    with log.with_suffix(".out").open("wb") as out:
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     return Daemon(process, log)
 
 
@@ -141,7 +144,9 @@ def wait_listening(daemon: Daemon, timeout: float = 20) -> Daemon:
         time.sleep(0.01)  # a daemon starts in 0.3 s: poll finely, about a hundred are started
     daemon.stop(signal.SIGKILL)
     text = log.read_text(errors="replace") if log.exists() else ""
-    raise RuntimeError(f"daemon did not start (status {process.returncode}):\n{text}")
+    early = log.with_suffix(".out")
+    said = early.read_text(errors="replace") if early.exists() else ""
+    raise RuntimeError(f"daemon did not start (status {process.returncode}):\n{said}{text}")
 
 
 def start_daemon(
