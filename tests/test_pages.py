@@ -30,14 +30,8 @@ from twisted.python.failure import Failure
 
 from filecache.daemon.diskwork import BlockingRunner, run_now
 from filecache.daemon.folder import NotShared, SharedFolder
-from filecache.daemon.folders import (
-    NAMES_STEP,
-    SETTLE_NS,
-    FolderEntry,
-    FolderNames,
-    FolderNamesStore,
-    OpenedFolder,
-)
+from filecache.daemon.foldernames import NAMES_STEP, SETTLE_NS, FolderNames, FolderNamesStore
+from filecache.daemon.folders import FolderEntry, OpenedFolder
 from filecache.daemon.listing import KERNEL_QUEUE, ListResult
 from filecache.daemon.pages import LAST_CHUNK, FolderPage, human_size, when
 from filecache.daemon.transfer import TransferFailed

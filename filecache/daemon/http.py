@@ -7,7 +7,6 @@ log) is the native protocol's (L{filecache.daemon.native}).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -16,7 +15,6 @@ from twisted.python.failure import Failure
 
 from filecache import wire
 from filecache.daemon.bodies import FileAnswer, Sent
-from filecache.daemon.cache import CacheEntry
 from filecache.daemon.httphead import (
     MAX_HEADER_LINE,
     HeadReader,
@@ -28,6 +26,7 @@ from filecache.daemon.httphead import (
     wants_json,
     with_request_line,
 )
+from filecache.daemon.httpkept import HEAD_MEMO_SIZE
 from filecache.daemon.httpreply import (
     UNSATISFIABLE,
     check_conditions,
@@ -67,70 +66,6 @@ class _Exchange:
         """The request as the access log shows it."""
         head = self.head
         return b"HTTP/1.%d %s %s" % (head.version[1], head.method, head.target[:200])
-
-
-READY_BUDGET = 8 * 1024 * 1024
-"""Bytes of whole small-file responses kept ready for the next plain GET."""
-
-
-class ReadyResponses:
-    """
-    Whole C{200} responses to plain GETs of small cached files, but for
-    their Date, by request-target: building the same head for every hit of
-    a small file costs more than sending it.  Each is kept beside the cache
-    entry it was built from and used only while the responder says that
-    entry is still current; the oldest go first past L{READY_BUDGET}.
-    """
-
-    def __init__(self, budget: int = READY_BUDGET) -> None:
-        self._budget = budget
-        self._kept: OrderedDict[bytes, tuple[CacheEntry, str, bytes, bytes]] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, target: bytes) -> tuple[CacheEntry, str, bytes, bytes] | None:
-        return self._kept.get(target)
-
-    def keep(self, target: bytes, entry: CacheEntry, path: str, head: bytes, body: bytes) -> None:
-        old = self._kept.pop(target, None)
-        if old is not None:
-            self._bytes -= len(old[2]) + len(old[3])
-        self._kept[target] = (entry, path, head, body)
-        self._bytes += len(head) + len(body)
-        while self._bytes > self._budget:
-            _, (_, _, h, b) = self._kept.popitem(last=False)
-            self._bytes -= len(h) + len(b)
-
-
-HEAD_MEMO_SIZE = 4096
-"""The longest request head kept parsed for the next time the same bytes come."""
-
-HEAD_MEMO_ENTRIES = 256
-
-
-class ParsedHeads:
-    """
-    The header fields of request heads read before, by their exact bytes
-    and the request's version: a keep-alive client (a browser, a download
-    tool, a load balancer's health check) sends the same fields again and
-    again with only the request line changing, and reading the fields is a
-    pure function of those bytes, so fields seen before need no second
-    reading; the request line is still read every time.  Only heads read
-    without error are kept; at most L{HEAD_MEMO_ENTRIES} of at most
-    L{HEAD_MEMO_SIZE} bytes, the oldest dropped first.
-    """
-
-    def __init__(self, entries: int = HEAD_MEMO_ENTRIES) -> None:
-        self._entries = entries
-        self._kept: dict[tuple[tuple[int, int], bytes], RequestHead] = {}
-
-    def get(self, version: tuple[int, int], fields: bytes) -> RequestHead | None:
-        return self._kept.get((version, fields))
-
-    def keep(self, fields: bytes, head: RequestHead) -> None:
-        kept = self._kept
-        if len(kept) >= self._entries:
-            del kept[next(iter(kept))]
-        kept[(head.version, fields)] = head
 
 
 def _body_length(response: bytes) -> int:

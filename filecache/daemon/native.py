@@ -19,8 +19,9 @@ from filecache import wire
 from filecache.daemon.admission import Admission, Network
 from filecache.daemon.bodies import Sent
 from filecache.daemon.connection import Connection
-from filecache.daemon.http import HttpSession, ParsedHeads, ReadyResponses
+from filecache.daemon.http import HttpSession
 from filecache.daemon.httphead import is_request_line, starts_like_http
+from filecache.daemon.httpkept import ParsedHeads, ReadyResponses
 from filecache.daemon.httpreply import DateCache
 from filecache.daemon.listing import ListBody, ListResult
 from filecache.daemon.responder import (
