@@ -21,14 +21,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from typing_extensions import Self
 
 from filecache.client.protocol import FileCacheClientProtocol
+
+_T = TypeVar("_T")
 
 BIN = Path(sys.executable).parent
 
@@ -616,3 +619,35 @@ def make_tls_files(folder: Path, hostname: str = "localhost") -> TlsFiles:
         )
     )
     return files
+
+
+class QueuedSteps:
+    """A run_blocking (disk work) that runs nothing until the test says so, and counts."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self.ran = 0
+
+    def __call__(self, work: Callable[[], _T]) -> Deferred[_T]:
+        d: Deferred[_T] = Deferred()
+        self.queue.append((work, d))
+        return d
+
+    def run_one(self) -> None:
+        work, d = self.queue.pop(0)
+        if d.called:
+            return  # cancelled
+        self.ran += 1
+        d.callback(work())
+
+    def run_all(self) -> None:
+        while self.queue:
+            self.run_one()
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    """A line of /proc/PID/status in KiB (VmRSS now, VmHWM the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} for {pid}")

@@ -27,20 +27,13 @@ from conftest import (
     RawClient,
     make_empty_files,
     ram_folder,
+    rss_kib,
     stats,
     wait_for,
     wait_until_idle,
 )
 
 MiB = 1 << 20
-
-
-def rss_kib(pid: int, key: str = "VmRSS") -> int:
-    """A line of /proc/PID/status in KiB (VmRSS now, VmHWM the peak)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {key} for {pid}")
 
 
 def reset_peak(pid: int) -> None:

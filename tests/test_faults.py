@@ -25,6 +25,7 @@ from conftest import (
     DaemonFactory,
     RawClient,
     open_fds,
+    rss_kib,
     stats,
     tool,
     wait_for,
@@ -32,13 +33,6 @@ from conftest import (
 )
 
 MiB = 1024 * 1024
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 

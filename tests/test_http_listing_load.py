@@ -9,17 +9,23 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, DaemonFactory, RawClient, stats, wait_for
+from conftest import (
+    Daemon,
+    DaemonFactory,
+    RawClient,
+    make_empty_files,
+    ram_folder,
+    rss_kib,
+    stats,
+    wait_for,
+)
 from httpkit import HttpConnection, fetch
-from test_attacks import rss_kib
 
 FILES = 100_000
 
@@ -33,20 +39,10 @@ PER_CONNECTION_KIB = 256
 @pytest.fixture(scope="module")
 def big_share(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A shared folder holding C{big/}, 100,000 empty files, made once (in tmpfs when there is one)."""
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK):
-        root = Path(tempfile.mkdtemp(prefix="filecache-test-listing-load-", dir=shm))
-    else:
-        root = tmp_path_factory.mktemp("listing-load")
-    (root / "big").mkdir()
-    fd = os.open(root / "big", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for n in range(FILES):
-            os.close(os.open(f"file-{n:06d}.dat", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
-    finally:
-        os.close(fd)
-    yield root
-    shutil.rmtree(root)
+    with ram_folder(tmp_path_factory) as root:
+        (root / "big").mkdir()
+        make_empty_files(root / "big", (f"file-{n:06d}.dat" for n in range(FILES)))
+        yield root
 
 
 def unread_listings(port: int, count: int) -> list[socket.socket]:

@@ -11,8 +11,6 @@ import errno
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import tracemalloc
 import weakref
@@ -23,7 +21,7 @@ from typing import Any, TypeVar
 
 import h11
 import pytest
-from twisted.internet.defer import Deferred
+from conftest import QueuedSteps, make_empty_files, ram_folder
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -45,30 +43,6 @@ Marked = Callable[[bytes, os.stat_result], bool]
 
 def never(path: bytes, st: os.stat_result) -> bool:
     return False
-
-
-class QueuedSteps:
-    """A run_blocking that runs nothing until the test says so, and counts."""
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-        self.ran = 0
-
-    def __call__(self, work: Callable[[], T]) -> Deferred[T]:
-        d: Deferred[T] = Deferred()
-        self.queue.append((work, d))
-        return d
-
-    def run_one(self) -> None:
-        work, d = self.queue.pop(0)
-        if d.called:
-            return  # cancelled
-        self.ran += 1
-        d.callback(work())
-
-    def run_all(self) -> None:
-        while self.queue:
-            self.run_one()
 
 
 class Recorder(StringTransport):
@@ -563,19 +537,9 @@ def test_a_read_failing_partway_leaves_out_the_last_chunk(tmp_path: Path, form: 
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A folder of 100,000 empty files, made once for the module (in tmpfs when there is one: 10x faster)."""
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK):
-        root = Path(tempfile.mkdtemp(prefix="filecache-test-pages-", dir=shm))
-    else:
-        root = tmp_path_factory.mktemp("big")
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for n in range(100_000):
-            os.close(os.open(f"f{n:06d}", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
-    finally:
-        os.close(fd)
-    yield root
-    shutil.rmtree(root)
+    with ram_folder(tmp_path_factory) as root:
+        make_empty_files(root, (f"f{n:06d}" for n in range(100_000)))
+        yield root
 
 
 def test_a_client_that_does_not_read_holds_one_step_not_the_page(big_folder: Path) -> None:

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import ram_folder
+from conftest import QueuedSteps, ram_folder
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import AccumulatingProtocol, MemoryReactor, StringTransport
 
@@ -37,27 +36,6 @@ from filecache.daemon.responder import Responder
 
 T = TypeVar("T")
 PEER_HOST = "127.0.0.1"
-
-
-class QueuedSteps:
-    """A run_blocking that runs nothing until the test says so, and counts."""
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-        self.ran = 0
-
-    def __call__(self, work: Callable[[], T]) -> Deferred[T]:
-        d: Deferred[T] = Deferred()
-        self.queue.append((work, d))
-        return d
-
-    def run_all(self) -> None:
-        while self.queue:
-            work, d = self.queue.pop(0)
-            if d.called:
-                continue  # cancelled
-            self.ran += 1
-            d.callback(work())
 
 
 def make(
