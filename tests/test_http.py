@@ -10,13 +10,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import h11
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from filecache.daemon.cache import FifoCache
 from filecache.daemon.folder import SharedFolder
@@ -410,3 +411,42 @@ def test_refusals_of_head_requests_have_no_body(root: Path) -> None:
         proto, t = connect(make(root))
         out = send(proto, t, head)
         assert out.endswith(b"\r\n\r\n") and out.count(b"HTTP/1.1 ") == 1, out[:200]
+
+
+def test_the_access_log_says_what_went_out(root: Path) -> None:
+    """
+    One line per answer, in the native protocol's log: the protocol and the
+    request, the status, the body bytes sent (an error's text too, a HEAD's
+    none), and a cut body marked as such with the bytes that did go out.
+    """
+    events: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "filecache.daemon.native.FileCacheProtocol" and "cache" in event:
+            events.append(event)
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    try:
+        factory = make(root)
+        factory.access_log = True
+        proto, t = connect(factory)
+        get(proto, t, "/hello.txt")
+        get(proto, t, "/hello.txt", method="HEAD")
+        get(proto, t, "/missing")
+        proto.dataReceived(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        producer = t.producer
+        assert producer is not None
+        producer.resumeProducing()  # a few slices out, then the client leaves
+        sent = len(t.value()) - t.value().index(b"\r\n\r\n") - 4
+        producer.stopProducing()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    rows = [(e["request"], e["status"], e["size"]) for e in events]
+    assert rows[:3] == [
+        ("HTTP/1.1 GET /hello.txt", "200", len(SMALL)),
+        ("HTTP/1.1 HEAD /hello.txt", "200", 0),
+        ("HTTP/1.1 GET /missing", "404", len(b"no such file\n")),
+    ]
+    assert rows[3][:2] == ("HTTP/1.1 GET /big.bin", "200-cut")
+    assert 0 < rows[3][2] == sent < len(BIG)

@@ -360,8 +360,7 @@ class HttpSession:
         if conn.transport is None or not conn.connected:
             return
         conn.write_whole(data)
-        if self._factory.access_log:
-            self._access(ex, str(status), sent, ex.started, cache)
+        self._access(ex, str(status), sent, ex.started, cache)
         if ex.keep:
             conn.finish_simple()
         else:
