@@ -87,11 +87,6 @@ class FolderNames:
         starts = self._starts
         return self._blob[starts[start] : starts[end] - 1].decode("utf-8").split("\0")
 
-    @property
-    def nbytes(self) -> int:
-        """The bytes the names and their offsets take (not the objects' headers)."""
-        return len(self._blob) + self._starts.itemsize * len(self._starts)
-
 
 def sorted_run(names: list[bytes]) -> bytes:
     """C{names} sorted (in place), each followed by a NUL: one run for L{NamePacking}."""
