@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -216,15 +217,33 @@ def get(
     Run C{filecache-client HOST PORT get NAMES -o FOLDER EXTRA} against
     C{server}, with retries off: each case here is about one failure (retries
     and resuming are tested against the real daemon in test_resume.py).
+    One connection (C{-j 1}): the fake server serves one at a time.
     """
     return run_client(
-        "127.0.0.1", str(server.port), "get", *names, "-o", str(folder), "--retries", "0", *extra, timeout=30
+        "127.0.0.1", str(server.port), "get", *names, "-o", str(folder), "--retries", "0", "-j", "1", *extra, timeout=30
     )
 
 
 def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     assert "Traceback" not in result.stderr
     return result.stderr.splitlines()
+
+
+SUMMARY = re.compile(
+    PROG + r"(\d+) files: (\d+) fetched, (\d+) skipped \(up to date\), (\d+) failed; .* received in [\d.]+ s"
+)
+
+
+def before_summary(result: subprocess.CompletedProcess[str], fetched: int, failed: int) -> list[str]:
+    """
+    The lines on stderr before the summary a get of several names ends
+    with, which must say C{fetched} and C{failed} files.
+    """
+    lines = stderr_lines(result)
+    match = SUMMARY.fullmatch(lines[-1])
+    assert match, lines
+    assert (int(match[2]), int(match[4])) == (fetched, failed), lines[-1]
+    return lines[:-1]
 
 
 def tree(root: Path) -> dict[str, bytes | str]:
@@ -348,12 +367,13 @@ def test_not_found_does_not_stop_the_next_name(out: Path) -> None:
         result = get(server, out, "missing.txt", "good.bin")
         server.wait_connection_ended()
     assert result.returncode == 1
-    assert stderr_lines(result) == [PROG + "missing.txt: not found on the server"]
+    assert before_summary(result, fetched=1, failed=1) == [PROG + "missing.txt: not found on the server"]
     assert result.stdout == f"{out / 'good.bin'}\n"
     assert (out / "good.bin").read_bytes() == BODY
     assert sorted(os.listdir(out)) == ["good.bin"]
-    assert server.requests[:2] == [b"GET missing.txt", b"GET good.bin"]
-    assert server.requests[2:] in NO_GET
+    # After the GETs, a LIST: is missing.txt a folder?
+    assert server.requests[:3] == [b"GET missing.txt", b"GET good.bin", b"LIST"]
+    assert server.requests[3:] in NO_GET
 
 
 def test_first_failure_status_survives_a_later_connection_loss(out: Path) -> None:
@@ -365,9 +385,11 @@ def test_first_failure_status_survives_a_later_connection_loss(out: Path) -> Non
     script = {b"GET f.bin": Reply(status(100) + BODY[:60], after="close")}
     with FakeServer(script) as server:
         result = get(server, out, "missing.txt", "f.bin")
-    assert stderr_lines(result) == [
-        PROG + "missing.txt: not found on the server",
+    # f.bin's loss is said as it happens; whether missing.txt is a folder
+    # is looked up after, but the server is out of reach by then.
+    assert before_summary(result, fetched=0, failed=2) == [
         PROG + "f.bin: connection lost after 60 bytes of the file",
+        PROG + "missing.txt: not found on the server",
     ]
     assert not (out / "missing.txt").exists()
     assert not (out / "f.bin").exists()
@@ -683,17 +705,26 @@ def test_a_fifo_as_the_partial_file_does_not_hang_the_client(out: Path) -> None:
 # Existing destination files
 
 
+def hash_reply(body: bytes, version: str = VERSION) -> Reply:
+    """The server's HASH reply for a file holding C{body}."""
+    return Reply(b"OK %d %s %s\r\n" % (len(body), version.encode(), sha(body).encode()))
+
+
 def test_existing_file_is_untouched_without_force(out: Path) -> None:
-    """An existing DIR/f.bin without --force: exit 5, the GET is never sent, bytes unchanged."""
+    """
+    An existing DIR/f.bin that differs, without --force: exit 5, only the
+    HASH is asked (the GET is never sent), bytes unchanged.
+    """
     (out / "f.bin").write_bytes(OTHER)
-    with FakeServer({b"GET f.bin": Reply(good_reply(BODY))}) as server:
+    with FakeServer({b"GET f.bin": Reply(good_reply(BODY)), b"HASH f.bin": hash_reply(BODY)}) as server:
         result = get(server, out, "f.bin")
         server.wait_connection_ended()
     assert result.returncode == 5
     assert stderr_lines(result) == [
-        PROG + f"f.bin: {out / 'f.bin'} exists (use --force to overwrite)"
+        PROG + f"f.bin: {out / 'f.bin'} exists and differs from the server's file (use --force to overwrite)"
     ]
-    assert server.requests in NO_GET
+    assert server.requests[:1] == [b"HASH f.bin"]
+    assert server.requests[1:] in NO_GET
     assert (out / "f.bin").read_bytes() == OTHER
     assert sorted(os.listdir(out)) == ["f.bin"]
 
@@ -701,7 +732,7 @@ def test_existing_file_is_untouched_without_force(out: Path) -> None:
 def test_force_replaces_after_a_good_transfer(out: Path) -> None:
     """--force with a good transfer: exit 0, DIR/f.bin now holds the new bytes, no .part."""
     (out / "f.bin").write_bytes(OTHER)
-    with FakeServer({b"GET f.bin": Reply(good_reply(BODY))}) as server:
+    with FakeServer({b"GET f.bin": Reply(good_reply(BODY)), b"HASH f.bin": hash_reply(BODY)}) as server:
         result = get(server, out, "f.bin", extra=("--force",))
     assert result.returncode == 0
     assert result.stderr == ""
@@ -713,7 +744,10 @@ def test_force_replaces_after_a_good_transfer(out: Path) -> None:
 def test_force_keeps_the_old_file_when_the_transfer_fails(out: Path) -> None:
     """--force but a wrong END digest: exit 4, the old DIR/f.bin is intact, no .part."""
     (out / "f.bin").write_bytes(OTHER)
-    script = {b"GET f.bin": Reply(status(100) + BODY + end(sha(b"not it")))}
+    script = {
+        b"GET f.bin": Reply(status(100) + BODY + end(sha(b"not it"))),
+        b"HASH f.bin": hash_reply(BODY),
+    }
     with FakeServer(script) as server:
         result = get(server, out, "f.bin", extra=("--force",))
     assert result.returncode == 4
@@ -816,7 +850,7 @@ def test_an_err_text_from_the_server_is_escaped(out: Path) -> None:
         result = get(server, out, "f.bin", "g.bin")
     assert result.returncode == 1
     assert_inert(result.stderr)
-    assert stderr_lines(result) == [
+    assert before_summary(result, fetched=0, failed=2) == [
         PROG + "f.bin: server error unavailable: \\x1b]0;owned\\x07\\x1b[2J\\x0dfake line\ufffd",
         PROG + "g.bin: server error \\x1b[31mbusy: x",
     ]

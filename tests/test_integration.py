@@ -272,15 +272,16 @@ def test_usage_errors_exit_2() -> None:
     """Bad command lines exit 2 without contacting anyone."""
     assert run_client("127.0.0.1", "notaport", "list").returncode == 2
     assert run_client("127.0.0.1", "5000", "get").returncode == 2
-    assert run_client("127.0.0.1", "5000", "list", "extra").returncode == 2
+    assert run_client("127.0.0.1", "5000", "stats", "extra").returncode == 2
     assert run_client("127.0.0.1").returncode == 2
 
 
 def test_stats_command(shared: Path, daemon: Daemon, tmp_path: Path) -> None:
-    """`stats` prints the server's figures; a repeated get is a hit."""
+    """`stats` prints the server's figures; a repeated get (of a file removed since) is a hit."""
     write(shared, "s.txt", b"stats")
     for _ in range(2):
-        run_client("127.0.0.1", str(daemon.port), "get", "s.txt", "-o", str(tmp_path), "--force")
+        (tmp_path / "s.txt").unlink(missing_ok=True)
+        run_client("127.0.0.1", str(daemon.port), "get", "s.txt", "-o", str(tmp_path))
     result = run_client("127.0.0.1", str(daemon.port), "stats", "--json")
     stats = json.loads(result.stdout)
     assert stats["hits"] == 1

@@ -11,13 +11,24 @@ from filecache import __version__
 from filecache.client.errors import UsageError
 
 COMMANDS = ("list", "get", "stats")
+PROGRESS = ("auto", "bars", "plain", "none")
+
+DEFAULT_PARALLEL = 4
+"""Connections a get uses by default (docs/client.md says how it was chosen)."""
+MAX_PARALLEL = 32
+"""Half the daemon's default --max-per-ip: room is left for other clients on this host."""
 
 _EPILOG = """\
 commands:
-  list                 the shared files (--cached: only those in the cache)
-  get NAME [NAME ...]  download files into -o DIR (default .), sub-folders kept
+  list [NAME ...]      the shared files (--cached: only those in the cache),
+                       or those the NAMEs match, as `get` would fetch them
+  get NAME [NAME ...]  download files into -o DIR (default .), sub-folders kept;
+                       a NAME is a file, a folder (docs/, or -r docs) or a
+                       shell pattern ('logs/*.txt', '**/*.bin'); files already
+                       there with the server's SHA-256 are skipped; -o - writes
+                       one file to stdout
   stats                the server's figures
-  NAME [DIR]           download one file into DIR (use `get` for a file
+  NAME [DIR]           download NAME into DIR (use `get` for a file
                        named list, get or stats)
 
 exit status:
@@ -43,8 +54,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", metavar="DIR", help="where `get` saves files")
     parser.add_argument("--cached", action="store_true", help="list: only cached files")
     parser.add_argument("--json", action="store_true", help="list, stats: print JSON")
-    parser.add_argument("--force", action="store_true", help="get: overwrite existing files")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true", help="get: overwrite local files that differ")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary, only errors")
+    parser.add_argument(
+        "-r", "--recursive", action="store_true", help="get, list: a NAME that is a folder means its tree"
+    )
+    parser.add_argument(
+        "-j",
+        "--parallel",
+        type=int,
+        default=DEFAULT_PARALLEL,
+        metavar="N",
+        help=f"get: up to N connections at once (default {DEFAULT_PARALLEL}, at most {MAX_PARALLEL})",
+    )
+    parser.add_argument(
+        "--delete",
+        action="store_true",
+        help="get: remove local files under what the NAMEs cover that the server no longer has",
+    )
+    parser.add_argument(
+        "-n", "--dry-run", action="store_true", help="get: print what would change, change nothing"
+    )
+    parser.add_argument(
+        "--progress",
+        choices=PROGRESS,
+        default="auto",
+        help="get: bars (auto: only on a terminal), plain (a line per file, for logs) or none",
+    )
+    parser.add_argument(
+        "--print",
+        dest="print_names",
+        action="store_true",
+        help="get: print saved names on stdout even when it is the terminal the bars are on",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -90,11 +132,15 @@ class Invocation:
             raise UsageError(f"port out of range: {self.port}")
         words: list[str] = args.words
         self.command = words[0] if words[0] in COMMANDS else "get"
+        self.seed = words[0] not in COMMANDS
+        """The seed form, C{NAME [DIR]}: its NAME may be a mistyped command."""
         self.names: list[str] = []
         self.folder: str = args.output or "."
-        if words[0] in ("list", "stats"):
+        if words[0] == "stats":
             if len(words) > 1:
-                raise UsageError(f"{words[0]} takes no names")
+                raise UsageError("stats takes no names")
+        elif words[0] == "list":
+            self.names = words[1:]
         elif words[0] == "get":
             self.names = words[1:]
             if not self.names:
@@ -118,6 +164,20 @@ class Invocation:
         self.retries: int = args.retries
         if self.retries < 0:
             raise UsageError("--retries must not be negative")
+        self.recursive: bool = args.recursive
+        self.parallel: int = args.parallel
+        if not 1 <= self.parallel <= MAX_PARALLEL:
+            raise UsageError(f"--parallel must be 1 to {MAX_PARALLEL}")
+        self.delete: bool = args.delete
+        self.dry_run: bool = args.dry_run
+        self.progress: str = args.progress
+        self.print_names: bool = args.print_names
+        if self.command != "get" and (self.delete or self.dry_run):
+            raise UsageError("--delete and --dry-run go with get")
+        self.to_stdout = self.command == "get" and self.folder == "-"
+        """C{-o -}: one file's bytes to stdout."""
+        if self.to_stdout and (len(self.names) > 1 or self.delete or self.dry_run):
+            raise UsageError("-o - writes one file to stdout: one NAME, no --delete or --dry-run")
         self.tls: bool = args.tls or bool(args.cafile) or args.insecure
         self.cafile: str | None = args.cafile
         self.insecure: bool = args.insecure

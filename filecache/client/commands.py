@@ -1,111 +1,96 @@
 """
-Carrying out a command: list and stats over one connection, get over a
-session that reconnects, one file after another, reporting per-file errors.
+Carrying out a command: list (of everything, or of what NAMEs match) and
+stats over one connection; get as a mirror over parallel lanes, or to stdout.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
 from typing import IO, Any
 
-from twisted.internet.error import ConnectError
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 
-from filecache import wire
 from filecache.client.arguments import Invocation
-from filecache.client.connection import connect
-from filecache.client.destination import destination
-from filecache.client.download import Session, fetch
-from filecache.client.errors import (
-    BrokenReply,
-    ConnectionLostEarly,
-    LocalError,
-    ServerError,
-)
-from filecache.client.exits import EXIT_OK, describe, exit_status
-from filecache.client.interrupt import Interrupted, Stop
+from filecache.client.connection import Dialer, connect
+from filecache.client.download import Session
+from filecache.client.exits import EXIT_OK, EXIT_SERVER_ERROR, describe
+from filecache.client.interrupt import Stop
+from filecache.client.lanes import PIPELINE_DEPTH
+from filecache.client.localdigests import RunBlocking
+from filecache.client.mirror import Mirror
 from filecache.client.output import print_listing, print_stats, say
-from filecache.client.partfile import part_names
 from filecache.client.progress import TqdmProgress
+from filecache.client.selection import Wanted, select
+from filecache.client.tostdout import binary_stream, resolve_one, send_to_stdout
 
 
 async def run(
-    reactor: Any, inv: Invocation, out: IO[str], err: IO[str], stop: Stop | None = None
+    reactor: Any,
+    inv: Invocation,
+    out: IO[str],
+    err: IO[str],
+    stop: Stop | None = None,
+    run_blocking: RunBlocking | None = None,
 ) -> int:
     """Carry out C{inv}; return the exit status.  Errors propagate."""
+    stop = stop or Stop()
     if inv.command != "get":
-        client = await connect(reactor, inv, err)
-        try:
-            if inv.command == "list":
-                print_listing(await client.list(inv.cached), inv.json, out)
-            else:
-                print_stats(await client.stats(), inv.json, out)
-        finally:
-            await client.quit()
-        return EXIT_OK
-    session = Session(lambda: connect(reactor, inv, err))
-    try:
-        return await get_all(session, inv, out, err, reactor, stop or Stop())
-    finally:
-        await session.close()
+        return await _list_or_stats(reactor, inv, out, err)
+    if inv.to_stdout:
+        return await _to_stdout(reactor, inv, out, err, stop)
+    if run_blocking is None:
+
+        def run_blocking(work: Any) -> Deferred[Any]:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    dial = Dialer(reactor, inv, err, pipeline=PIPELINE_DEPTH)
+    return await Mirror(reactor, inv, out, err, stop, dial, run_blocking).run()
 
 
-async def get_all(
-    session: Session, inv: Invocation, out: IO[str], err: IO[str], reactor: Any, stop: Stop
-) -> int:
-    """
-    Fetch every name; a per-file error is reported and the rest go on.
-
-    @raise Interrupted: once C{stop} is requested, saying what is unfinished.
-    """
+async def _list_or_stats(reactor: Any, inv: Invocation, out: IO[str], err: IO[str]) -> int:
     status = EXIT_OK
-    # tqdm's None: a bar only when stderr is a terminal.
-    no_bar = True if inv.quiet else None
+    client = await connect(reactor, inv, err)
+    try:
+        if inv.command == "list":
+            rows = await client.list(inv.cached)
+            if inv.names:
+                chosen = select([Wanted(name, inv.recursive) for name in inv.names], rows)
+                rows = chosen.rows
+                for want in chosen.unmatched:
+                    say(err, f"{want.text}: matches nothing on the server")
+                    status = EXIT_SERVER_ERROR
+            print_listing(rows, inv.json, out)
+        else:
+            print_stats(await client.stats(), inv.json, out)
+    finally:
+        await client.quit()
+    return status
+
+
+async def _to_stdout(reactor: Any, inv: Invocation, out: IO[str], err: IO[str], stop: Stop) -> int:
+    session = Session(Dialer(reactor, inv, err))
+    # tqdm's disable: True never draws, False always, None only on a terminal.
+    no_bar = True if inv.quiet or inv.progress in ("plain", "none") else False if inv.progress == "bars" else None
 
     def retrying(name: str, error: BaseException, delay: float) -> None:
         say(err, f"{name}: {describe(error)}; retrying in {delay:g} s")
 
-    for index, name in enumerate(inv.names):
-        try:
-            if stop.signum is not None:
-                raise Interrupted(stop.signum)
-            saved, _result = await fetch(
-                session,
-                name,
-                inv.folder,
-                force=inv.force,
-                progress=lambda: TqdmProgress(err, disable=no_bar),
-                retries=inv.retries,
-                clock=reactor,
-                on_retry=retrying,
-                interrupted=lambda: stop.requested,
-            )
-        except BaseException as e:
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, unfinished(inv, index)) from None
-            if not isinstance(e, (ServerError, LocalError, BrokenReply, ConnectionLostEarly, ConnectError)):
-                raise
-            say(err, f"{name}: {describe(e)}")
-            status = status or exit_status(e)
-            if isinstance(e, (ConnectionLostEarly, ConnectError)):
-                # Retries are spent: the server is out of reach for the rest too.
-                return status
-            continue
-        out.write(f"{wire.printable(saved)}\n")
-    return status
-
-
-def unfinished(inv: Invocation, index: int) -> list[str]:
-    """What is left undone when C{inv.names[index]} was being fetched."""
-    name = inv.names[index]
-    lines = [f"{name}: not finished"]
     try:
-        part, _ = part_names(destination(inv.folder, name))
-    except LocalError:
-        part = ""
-    if part and os.path.isfile(part):
-        lines[0] += f"; {part} is kept: the same get resumes it"
-    rest = inv.names[index + 1 :]
-    if rest:
-        lines.append(f"not started ({len(rest)}): {shlex.join(rest)}")
-    return lines
+        path = await resolve_one(
+            session, inv.names[0], inv.recursive, clock=reactor, retries=inv.retries
+        )
+        stream = binary_stream(out)
+        await send_to_stdout(
+            session,
+            path,
+            stream,
+            clock=reactor,
+            progress=TqdmProgress(err, disable=no_bar),
+            retries=inv.retries,
+            on_retry=retrying,
+            interrupted=lambda: stop.requested,
+        )
+        stream.flush()
+    finally:
+        await session.close()
+    return EXIT_OK

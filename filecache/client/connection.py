@@ -60,12 +60,34 @@ class _UnverifiedTLS:
         return connection
 
 
-async def connect(reactor: Any, inv: Invocation, err: IO[str]) -> FileCacheClientProtocol:
-    from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+class Dialer:
+    """
+    Makes connections to the daemon C{inv} names, each sending up to
+    C{pipeline} requests ahead; the TLS settings are made once (one
+    --insecure warning however many connections).
+    """
 
-    endpoint: Any = HostnameEndpoint(reactor, inv.host, inv.port, timeout=inv.timeout or 30)
-    if inv.tls:
-        endpoint = wrapClientTLS(tls_creator(inv, err), endpoint)
-    protocol = FileCacheClientProtocol(timeout=inv.timeout)
-    await connectProtocol(endpoint, protocol)
-    return protocol
+    def __init__(self, reactor: Any, inv: Invocation, err: IO[str], pipeline: int = 1) -> None:
+        self._reactor = reactor
+        self._inv = inv
+        self._err = err
+        self._pipeline = pipeline
+        self._tls: Any = None
+
+    async def __call__(self) -> FileCacheClientProtocol:
+        from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+
+        inv = self._inv
+        endpoint: Any = HostnameEndpoint(self._reactor, inv.host, inv.port, timeout=inv.timeout or 30)
+        if inv.tls:
+            if self._tls is None:
+                self._tls = tls_creator(inv, self._err)
+            endpoint = wrapClientTLS(self._tls, endpoint)
+        protocol = FileCacheClientProtocol(timeout=inv.timeout, pipeline=self._pipeline)
+        await connectProtocol(endpoint, protocol)
+        return protocol
+
+
+async def connect(reactor: Any, inv: Invocation, err: IO[str]) -> FileCacheClientProtocol:
+    """One connection to the daemon C{inv} names, one request at a time."""
+    return await Dialer(reactor, inv, err)()

@@ -55,21 +55,38 @@ def _make_folder(folder: str) -> list[str]:
     return created
 
 
-def make_parents(folder: str, path: str) -> list[str]:
+class Folders:
+    """
+    The folders many downloads into one destination have made (for
+    L{remove_empty_folders} once they are all over) and found to lead
+    nowhere outside it, so that each is checked once per run, not once per
+    file saved in it.
+    """
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+        self.checked: set[str] = set()
+
+
+def make_parents(folder: str, path: str, folders: Folders | None = None) -> list[str]:
     """
     Create the sub-folders of C{path} inside C{folder} one level at a time,
     refusing any level that leads outside (a symlink), before creating the
     next.  Return the folders made here, outermost first, so that a failed
-    download can take them away again (L{remove_empty_folders}).
+    download can take them away again (L{remove_empty_folders}).  With
+    C{folders}, the levels it has checked already are not checked again.
 
     @raise LocalError: if a level leads outside or cannot be made (nothing
         made here is left behind then).
     """
+    parts = split_path(path)[:-1]
+    if folders is not None and os.path.join(folder, *parts) in folders.checked:
+        return []
     created = _make_folder(folder)
     try:
         root = os.path.realpath(folder)
         current = folder
-        for part in split_path(path)[:-1]:
+        for part in parts:
             current = os.path.join(current, part)
             if not _inside(root, current):
                 raise LocalError(f"refusing to save '{path}': {current} leads outside {folder}")
@@ -87,6 +104,8 @@ def make_parents(folder: str, path: str) -> list[str]:
     except BaseException:
         remove_empty_folders(created)
         raise
+    if folders is not None:
+        folders.checked.update(os.path.join(folder, *parts[:n]) for n in range(len(parts) + 1))
     return created
 
 

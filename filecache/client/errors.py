@@ -15,6 +15,14 @@ class ServerError(Exception):
         self.message = message
 
 
+class NoMatch(Exception):
+    """A NAME (a pattern, a folder, a file) that nothing on the server matches."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name}: matches nothing on the server")
+        self.name = name
+
+
 class BrokenReply(Exception):
     """The server broke the protocol: a malformed line, a wrong size or digest."""
 

@@ -13,6 +13,7 @@ from filecache.client.errors import (
     BrokenReply,
     ConnectionLostEarly,
     LocalError,
+    NoMatch,
     ServerError,
     UsageError,
 )
@@ -58,7 +59,7 @@ def describe(error: BaseException) -> str:
 
 def exit_status(error: BaseException) -> int:
     """The one place that maps an exception to an exit status."""
-    if isinstance(error, ServerError):
+    if isinstance(error, (ServerError, NoMatch)):
         return EXIT_SERVER_ERROR
     if isinstance(error, UsageError):
         return EXIT_USAGE

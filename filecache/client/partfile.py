@@ -24,6 +24,10 @@ PART_SUFFIX = ".filecache-part"
 META_SUFFIX = PART_SUFFIX + ".json"
 MAX_META_BYTES = 64 * 1024
 """A sidecar is a line of JSON; anything longer was not written by us."""
+SMALL_BODY = 64 * 1024
+"""A whole body up to this size is held in memory until its digest is
+checked, then written and moved into place in one step: no sidecar (there
+is nothing worth resuming), a third of the system calls per small file."""
 
 # Opening with these never blocks (a FIFO) and never follows a symlink.
 _NO_SURPRISES = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -92,6 +96,9 @@ class PartFile:
         self._expect_version: str | None = None
         self._owned = False
         self._info: PartInfo | None = None
+        # A small body, whole in memory until commit (SMALL_BODY).
+        self._held: bytearray | None = None
+        self._held_info: PartInfo | None = None
 
     # What an earlier attempt left
 
@@ -165,6 +172,10 @@ class PartFile:
     def begin(self, size: int, version: str) -> None:
         if self._expect_version is not None and version != self._expect_version:
             raise VersionChanged(f"{self._name} changed on the server")
+        if not self._offset and size <= SMALL_BODY:
+            self._held, self._held_info = bytearray(), PartInfo(self._name, version, size)
+            self._progress.start(self._name, size, 0)
+            return
         try:
             if self._offset:
                 fd = _open_regular(self.part, os.O_WRONLY)
@@ -207,6 +218,10 @@ class PartFile:
         self._info = info
 
     def write(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held += data
+            self._progress.advance(len(data))
+            return
         assert self._file is not None
         try:
             self._file.write(data)
@@ -244,12 +259,22 @@ class PartFile:
         appeared during the download (the partial file is kept then).
         """
         self._close()
+        held = self._held_info
+        if held is not None:
+            try:
+                self._write_held()
+            except LocalError:
+                self.discard()
+                raise
         try:
             if self._force:
                 os.replace(self.part, self.final)
             else:
                 self._move_without_replacing()
         except FileExistsError:
+            if held is not None:
+                # Kept as any verified partial file is: with its sidecar, for `get --force`.
+                self._write_meta(held)
             raise LocalError(f"{self.final} exists (use --force to overwrite)") from None
         except OSError as e:
             raise LocalError(f"cannot rename {self.part}: {e.strerror}") from None
@@ -268,12 +293,44 @@ class PartFile:
             return
         self._remove(self.part)
 
+    def _write_held(self) -> None:
+        """Write the small body held in memory to the partial file, whole."""
+        held, self._held, self._held_info = self._held, None, None
+        assert held is not None
+        try:
+            if not self._owned and self._force:
+                self._unlink_foreign()
+            fresh = os.O_TRUNC if os.path.lexists(self.part) else os.O_EXCL
+            fd = _open_regular(self.part, os.O_WRONLY | os.O_CREAT | fresh)
+        except OSError as e:
+            raise LocalError(f"cannot write {self.part}: {e.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(held)
+        except OSError as e:
+            if fresh == os.O_EXCL and not self._owned:
+                self._remove(self.part)  # made just now, and with no sidecar it would look foreign
+            raise LocalError(f"cannot write {self.part}: {e.strerror}") from None
+
     def keep(self) -> None:
-        """The transfer broke off: close, leaving the partial file and its sidecar."""
+        """
+        The transfer broke off: close, leaving the partial file and its
+        sidecar.  A small body held in memory is written out first, as the
+        partial file it would otherwise have been (if any of it came).
+        """
+        held = self._held_info
+        if held is not None and self._held:
+            try:
+                self._write_meta(held)
+                self._write_held()
+            except LocalError:
+                pass  # nothing kept: the next attempt starts over
+        self._held = self._held_info = None
         self._close()
 
     def discard(self) -> None:
         """The bytes are bad or the file is gone: remove what we wrote, nothing else."""
+        self._held = self._held_info = None
         self._close()
         if self._owned:
             if _is_regular(self.part):

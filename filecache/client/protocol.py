@@ -41,8 +41,10 @@ from filecache.client.readers import (
 
 class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
     """
-    A connection to a filecache daemon.  Requests are sent one at a time;
-    each method returns a Deferred of the parsed reply.
+    A connection to a filecache daemon.  Each method returns a Deferred of
+    the parsed reply.  Up to C{pipeline} requests are sent before their
+    replies come (docs/protocol.md: the server answers them in order); the
+    rest wait their turn here.
 
     @param timeout: seconds without a byte from the server, while a reply is
         awaited, after which the connection is aborted; also the window of
@@ -55,10 +57,15 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
     transport: ITCPTransport
     _log = Logger()
 
-    def __init__(self, timeout: float | None = None, clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self, timeout: float | None = None, clock: IReactorTime | None = None, pipeline: int = 1
+    ) -> None:
         self._timeout = timeout
+        self._pipeline = max(1, pipeline)
         self._queue: deque[tuple[bytes, ReplyReader]] = deque()
         self._current: ReplyReader | None = None
+        # Sent after the current one, their replies not begun (pipelining).
+        self._sent: deque[ReplyReader] = deque()
         self._failed: Failure | None = None
         self.closed: Deferred[None] = Deferred()
         """Fires when the connection is gone."""
@@ -108,26 +115,47 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         self._next()
         return op.deferred
 
+    @property
+    def outstanding(self) -> int:
+        """Requests sent or waiting to be sent whose replies are not whole yet."""
+        return (self._current is not None) + len(self._sent) + len(self._queue)
+
     def _next(self) -> None:
-        if self._current is not None or not self._queue:
-            return
-        data, self._current = self._queue.popleft()
+        batch = []
+        while self._queue and (self._current is not None) + len(self._sent) < self._pipeline:
+            data, op = self._queue.popleft()
+            batch.append(data)
+            if self._current is None:
+                self._begin(op)
+            else:
+                self._sent.append(op)
+        if batch:
+            # One write for the lot: requests pipelined in one segment.
+            self.transport.write(b"".join(batch))
+
+    def _begin(self, op: ReplyReader) -> None:
+        """C{op}'s reply is the next to come: its timers start now."""
+        self._current = op
         self._status_seen = False
         self.setTimeout(self._timeout)
         self._pace.request_sent()
-        self.transport.write(data)
 
     def _reply_done(self) -> None:
         self._current = None
         self.setTimeout(None)
         self._pace.stop()
+        if self._sent:
+            self._begin(self._sent.popleft())
         self._next()
 
     def _cancelled(self, op: ReplyReader) -> None:
         # Deferred.cancel fails op's Deferred with CancelledError after this.
-        if op is self._current:
-            # The rest of its reply may be on the way: the connection is spent.
-            self._current = None
+        if op is self._current or op in self._sent:
+            # Its reply (or the rest of it) may be on the way: the connection is spent.
+            if op is self._current:
+                self._current = None
+            else:
+                self._sent.remove(op)
             self._fail(ConnectionLostEarly("request cancelled"))
             return
         for entry in self._queue:
@@ -210,10 +238,11 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
         failure = self._failed or Failure(ConnectionLostEarly(_lost_text(self._current)))
         if self._failed is None:
             self._failed = failure
-        pending = [op for _, op in self._queue]
+        pending = list(self._sent) + [op for _, op in self._queue]
         if self._current is not None:
             pending.insert(0, self._current)
         self._current = None
+        self._sent.clear()
         self._queue.clear()
         for op in pending:
             op.deferred.errback(failure)
