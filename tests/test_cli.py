@@ -13,11 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, run_client, tool
+from conftest import Daemon, DaemonFactory, ram_folder, run_client, tool
 
 from filecache.client.arguments import Invocation, build_parser
 from filecache.client.errors import UsageError
@@ -165,6 +166,8 @@ def test_no_progress_bar_off_a_terminal_or_quiet(shared: Path, daemon: Daemon, t
 
 MiB = 1024 * 1024
 
+ROWS, COLUMNS = 20, 100
+
 _TAKE_TERMINAL = (
     "import fcntl, os, sys, termios\n"
     "os.setsid()\n"
@@ -176,22 +179,22 @@ _TAKE_TERMINAL = (
 class OnTerminal:
     """
     The real client with a pseudo-terminal as its controlling terminal (its
-    stdin and stderr), stdout on a pipe: keys written to the terminal reach
-    it as a user's would, Ctrl-C included.
+    stdin and stderr), stdout on a pipe (or on the terminal too): keys
+    written to the terminal reach it as a user's would, Ctrl-C included.
     """
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, stdout_on_terminal: bool = False) -> None:
         import fcntl
         import struct
         import termios
         import threading
 
         self.master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 100, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
         self.process = subprocess.Popen(
             [sys.executable, "-c", _TAKE_TERMINAL, tool("filecache-client"), *args],
             stdin=slave,
-            stdout=subprocess.PIPE,
+            stdout=slave if stdout_on_terminal else subprocess.PIPE,
             stderr=slave,
             text=True,
         )
@@ -223,7 +226,12 @@ class OnTerminal:
                 self.process.wait(5)
             self._reader.join(5)
             os.close(self.master)
-        return self.process.returncode, stdout, self._screen.decode(errors="replace").replace("\r", "")
+        return self.process.returncode, stdout or "", self._screen.decode(errors="replace").replace("\r", "")
+
+    @property
+    def raw(self) -> str:
+        """Everything the terminal was sent, control sequences and carriage returns included."""
+        return self._screen.decode(errors="replace")
 
 
 def part_of(out: Path, name: str) -> Path:
@@ -276,7 +284,7 @@ def test_ctrl_c_on_a_terminal_stops_at_once_and_keeps_the_partial_file(
         f"filecache-client: big.bin: not finished; {part_of(out, 'big.bin')} is kept: the same get resumes it",
     ]
     assert re.fullmatch(
-        r"filecache-client: 2 files: 2 fetched, 0 skipped \(up to date\), 0 failed; .* received in [\d.]+ s",
+        r"filecache-client: 2 files: 2 fetched, 0 skipped, 0 failed, .* in [\d.]+ s",
         lines[2],
     ), lines
     assert len(lines) == 3
@@ -362,3 +370,157 @@ def test_ctrl_c_among_many_small_files_reports_the_rest(shared: Path, daemon: Da
     assert sorted(saved + unfinished + not_started) == names
     for name in unfinished:
         assert (out / f".{name}.filecache-part").is_file()
+
+
+# The progress display of a mirror (issue 11)
+
+_CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
+
+
+class Screen:
+    """
+    A terminal, COLUMNS wide and endless downwards, fed what the client
+    wrote: text (wrapping at the edge, as terminals do), CR, LF, and the
+    cursor-up and erase sequences.  L{used} is how many lines the output
+    ever reached, scrolled-away ones included.
+    """
+
+    def __init__(self, columns: int = COLUMNS) -> None:
+        self.columns = columns
+        self.lines: dict[int, str] = {}
+        self.row = self.col = 0
+        self.deepest = 0
+
+    def feed(self, text: str) -> None:
+        at = 0
+        while at < len(text):
+            match = _CSI.match(text, at)
+            if match:
+                self._control(match[1], match[2])
+                at = match.end()
+                continue
+            ch = text[at]
+            at += 1
+            if ch == "\r":
+                self.col = 0
+            elif ch == "\n":
+                self.row += 1
+            elif ch.isprintable():
+                if self.col >= self.columns:
+                    self.row, self.col = self.row + 1, 0
+                line = self.lines.get(self.row, "").ljust(self.col)
+                self.lines[self.row] = line[: self.col] + ch + line[self.col + 1 :]
+                self.col += 1
+                self.deepest = max(self.deepest, self.row)
+
+    def _control(self, params: str, final: str) -> None:
+        count = int(params) if params.isdigit() else None
+        if final == "A":
+            self.row = max(self.row - (count or 1), 0)
+        elif final == "K":
+            line = self.lines.get(self.row, "")
+            self.lines[self.row] = "" if count == 2 else line[: self.col]
+        elif final == "J":
+            self.lines[self.row] = self.lines.get(self.row, "")[: self.col]
+            for row in [r for r in self.lines if r > self.row]:
+                del self.lines[row]
+
+    @property
+    def used(self) -> int:
+        return self.deepest + 1
+
+    def shown(self) -> list[str]:
+        return [self.lines[r].rstrip() for r in sorted(self.lines) if self.lines[r].strip()]
+
+
+def test_the_screen_model_follows_the_board_sequences() -> None:
+    """The emulator the next test relies on: up, erase line and erase below, as a terminal does."""
+    screen = Screen(columns=10)
+    screen.feed("one\r\ntwo\r\nthree\r\x1b[2A\x1b[2Kuno\x1b[J")
+    assert screen.shown() == ["uno"] and screen.used == 3
+    screen.feed("\r\n" + "x" * 12)  # wraps onto a second line
+    assert screen.shown() == ["uno", "x" * 10, "xx"] and screen.used == 3
+
+
+def in_bursts(process: subprocess.Popen[str], run: float = 0.02, pause: float = 0.08) -> None:
+    """Let C{process} run C{run} seconds at a time, stopped C{pause} seconds in between, until it ends."""
+    while process.poll() is None:
+        try:
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(pause)
+            process.send_signal(signal.SIGCONT)
+        except ProcessLookupError:
+            return
+        time.sleep(run)
+
+
+@pytest.mark.system
+def test_mirroring_1000_files_never_takes_more_than_n_plus_3_lines(
+    daemon_factory: DaemonFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """
+    `get -j 4` of 1,000 small files and two of 8 MiB on a terminal, stdout
+    there too, run in short bursts: redrawn many times, the output never reaches more than
+    4 + 3 lines of the screen (the overall bar, a bar per connection, the
+    summary), and no saved name is printed among the bars.
+    """
+    with ram_folder(tmp_path_factory) as root:
+        files = {f"tree/d{n % 10}/f{n:04d}.txt": os.urandom(1024 + n) for n in range(1000)}
+        files.update({f"tree/big{n}.bin": os.urandom(8 * MiB) for n in range(2)})
+        for rel, data in files.items():
+            (root / "share" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / "share" / rel).write_bytes(data)
+        daemon = daemon_factory(root / "share")
+        out = root / "out"
+        client = OnTerminal(
+            "127.0.0.1", str(daemon.port), "get", "tree/", "-o", str(out), "-j", "4", stdout_on_terminal=True
+        )
+        # Run it in bursts of 20 ms: the board is redrawn after each, many times over.
+        slowed = threading.Thread(target=in_bursts, args=(client.process,), daemon=True)
+        slowed.start()
+        status, _, shown = client.finish(timeout=60)
+        slowed.join(5)
+        assert status == 0, shown
+        screen = Screen()
+        screen.feed(client.raw)
+        assert screen.used <= 4 + 3, screen.shown()
+        assert client.raw.count("total: ") >= 5 and "\x1b[2Ktree/" in client.raw, "the board was hardly drawn"
+        assert re.fullmatch(r"filecache-client: 1,002 files: 1,002 fetched, .*", screen.shown()[-1])
+        assert str(out) not in shown
+        assert sum(1 for _ in out.rglob("*.txt")) == 1000
+
+
+@pytest.mark.system
+def test_ctrl_c_mid_mirror_then_the_same_get_resumes_and_finishes_identical(
+    shared: Path, daemon: Daemon, tmp_path: Path
+) -> None:
+    """
+    Ctrl-C on a terminal while a folder of one large and 300 small files
+    comes in: exit 130, the large file's partial file kept and said; the
+    same get again resumes it at its offset and leaves a copy identical to
+    the share, with nothing else beside it.
+    """
+    files = {f"tree/s/{n:03d}.txt": os.urandom(200 + n) for n in range(300)}
+    files["tree/big.bin"] = os.urandom(48 * MiB)
+    for rel, data in files.items():
+        (shared / rel).parent.mkdir(parents=True, exist_ok=True)
+        (shared / rel).write_bytes(data)
+    out = tmp_path / "out"
+    client = OnTerminal("127.0.0.1", str(daemon.port), "get", "tree/", "-o", str(out))
+    stop_mid_file(client.process, part_of(out / "tree", "big.bin"), out / "tree" / "big.bin", 4 * MiB)
+    client.press(b"\x03")
+    client.process.send_signal(signal.SIGCONT)
+    status, _, screen = client.finish(timeout=30)
+    assert status == 130, screen
+    assert "filecache-client: interrupted by SIGINT" in screen
+    assert f"tree/big.bin: not finished; {part_of(out / 'tree', 'big.bin')} is kept" in screen
+    have = part_of(out / "tree", "big.bin").stat().st_size
+    assert 4 * MiB <= have < 48 * MiB
+
+    again = run_client("127.0.0.1", str(daemon.port), "get", "tree/", "-o", str(out))
+    assert again.returncode == 0, again.stderr
+    assert f"GET tree/big.bin {have} OK" in daemon.log_text()
+    copied = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert copied.pop(".filecache-client-state.json")
+    assert copied == files
+

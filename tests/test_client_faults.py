@@ -230,7 +230,7 @@ def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 SUMMARY = re.compile(
-    PROG + r"(\d+) files: (\d+) fetched, (\d+) skipped \(up to date\), (\d+) failed; .* received in [\d.]+ s"
+    PROG + r"(\d+) files: (\d+) fetched, (\d+) skipped, (\d+) failed, .* in [\d.]+ s"
 )
 
 
@@ -754,6 +754,49 @@ def test_force_keeps_the_old_file_when_the_transfer_fails(out: Path) -> None:
     assert len(stderr_lines(result)) == 1
     assert (out / "f.bin").read_bytes() == OTHER
     assert sorted(os.listdir(out)) == ["f.bin"]
+
+
+# To stdout (-o -)
+
+
+def to_stdout(server: FakeServer, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [tool("filecache-client"), "127.0.0.1", str(server.port), "get", "f.bin", "-o", "-", *extra],
+        capture_output=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_o_dash_with_a_wrong_digest_is_exit_4_and_says_the_bytes_went_out() -> None:
+    """
+    -o - and an END digest that does not match: the bytes are on stdout
+    already, so the client says so (exit 4): they are not the server's file.
+    """
+    with FakeServer({b"GET f.bin": Reply(status(100) + BODY + end(sha(b"not it")))}) as server:
+        result = to_stdout(server, "--retries", "0")
+    assert result.returncode == 4
+    assert result.stdout == BODY
+    assert result.stderr.decode().splitlines() == [
+        PROG + "integrity check failed: SHA-256 of the bytes received does not match the server's "
+        "END line; the 100 bytes already written to stdout are not the server's file: discard them"
+    ]
+
+
+def test_o_dash_resumes_a_cut_body_and_checks_the_whole_stream() -> None:
+    """
+    Cut after 60 bytes: the client asks HASH, then the rest from byte 60,
+    and checks all 100 bytes written against the server's SHA-256 (exit 0).
+    """
+    script = {
+        b"GET f.bin": Reply(status(100) + BODY[:60], after="close"),
+        b"HASH f.bin": hash_reply(BODY),
+        b"GET f.bin 60": Reply(status(40) + BODY[60:] + end(sha(BODY[60:]))),
+    }
+    with FakeServer(script) as server:
+        result = to_stdout(server, "--retries", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == BODY
+    assert b"f.bin: connection lost after 60 bytes of the file; retrying in 0.25 s" in result.stderr
+    assert server.requests[:3] == [b"GET f.bin", b"HASH f.bin", b"GET f.bin 60"]
 
 
 # LIST

@@ -130,8 +130,11 @@ class Board(Display):
         self.dirty = True
 
     def start(self) -> None:
-        """Draw the board now, and again every L{REDRAW_EVERY} seconds while anything changed."""
-        self.draw()
+        """
+        Draw the board in L{REDRAW_EVERY} seconds (by then the files are
+        counted; a get done sooner shows only its last line), and again
+        every L{REDRAW_EVERY} seconds while anything changed.
+        """
         self._schedule()
 
     def _schedule(self) -> None:

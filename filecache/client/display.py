@@ -20,7 +20,10 @@ FAILED = "failed"
 
 @dataclass
 class Tally:
-    """The figures of a get: the summary line's, and the overall bar's."""
+    """
+    The figures of a get: the summary line's, and the overall bar's.
+    Skipped files are those found up to date.
+    """
 
     files: int = 0
     """Files to bring over, as far as known."""
@@ -58,13 +61,11 @@ class Tally:
         if dry_run:
             return (
                 f"dry run: {self.ended:,} files: {self.fetched:,} to fetch "
-                f"({human_size(self.fetched_size)}), {self.skipped:,} "
-                f"skipped (up to date), {self.failed:,} failed"
+                f"({human_size(self.fetched_size)}), {self.skipped:,} skipped, {self.failed:,} failed"
             )
         return (
-            f"{self.ended:,} files: {self.fetched:,} fetched, {self.skipped:,} skipped "
-            f"(up to date), {self.failed:,} failed; {human_size(self.received)} "
-            f"received in {seconds:.2f} s"
+            f"{self.ended:,} files: {self.fetched:,} fetched, {self.skipped:,} skipped, "
+            f"{self.failed:,} failed, {human_size(self.received)} in {seconds:.2f} s"
         )
 
 
