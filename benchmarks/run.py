@@ -8,6 +8,7 @@ it runs issue 10's HTTP workloads under wrk, python3 -m http.server and rclone
 serve http joining in.  See benchmarks/README.md.
 
     python3 benchmarks/run.py [--quick] [--workers N] [--only 1,4] [--http] [--write]
+    python3 benchmarks/run.py --client [--quick] [--sweep] [--write]   (benchmarks/clientbench.py)
 """
 
 from __future__ import annotations
@@ -183,6 +184,11 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if "--client" in argv:
+        # Issue 11's client benchmark: a harness of its own (benchmarks/clientbench.py).
+        from benchmarks.clientbench import main as client_main
+
+        return client_main([a for a in argv if a != "--client"])
     args = parse_args(argv)
     # Ctrl-C even when started with SIGINT ignored (e.g. "&" in a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
