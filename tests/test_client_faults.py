@@ -756,6 +756,28 @@ def test_force_keeps_the_old_file_when_the_transfer_fails(out: Path) -> None:
     assert sorted(os.listdir(out)) == ["f.bin"]
 
 
+def test_a_mirror_stops_starting_files_once_the_server_is_out_of_reach(out: Path) -> None:
+    """
+    `get 'd/*'` of three large files; the first transfer's connection is
+    lost and no retry is left: the other two are not started, and said so
+    (exit 3), and the summary counts all three as failed.
+    """
+    big = 3 * 1024 * 1024
+    rows = b"".join(b"%d 1700000000 - d/%s\r\n" % (big, name) for name in (b"a", b"b", b"c"))
+    script = {
+        b"LIST": Reply(b"OK\r\n" + rows + b"END 3\r\n"),
+        b"GET d/a": Reply(status(big) + BODY, after="close"),
+    }
+    with FakeServer(script) as server:
+        result = get(server, out, "d/*")
+    assert result.returncode == 3
+    assert before_summary(result, fetched=0, failed=3) == [
+        PROG + "d/a: connection lost after 100 bytes of the file",
+        PROG + "not started: 2 files, the server being out of reach",
+    ]
+    assert b"GET d/b" not in server.requests
+
+
 # To stdout (-o -)
 
 

@@ -106,6 +106,8 @@ class Mirror:
             await self._phase(jobs, [(n, 0) for n in range(len(jobs))])
             if self._missing:
                 await self._look_in_folders()
+            if self.lanes.not_started:
+                self.report.out_of_reach(self.lanes.not_started)
             deleted = None
             if inv.delete and server is not None and not self.lanes.halted:
                 deleted = self._prune(server)

@@ -138,6 +138,11 @@ class Reporter:
             return None
         return suggest_command(job.path, COMMANDS)
 
+    def out_of_reach(self, jobs: Sequence[Job]) -> None:
+        """The server went out of reach (past the retries) before C{jobs} were started."""
+        self.tally.failed += len(jobs)
+        self.display.message(f"not started: {len(jobs):,} files, the server being out of reach")
+
     def status(self) -> int:
         if not self._failures:
             return EXIT_OK
