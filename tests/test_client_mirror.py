@@ -191,6 +191,30 @@ def test_force_delete_and_dry_run(shared: Path, daemon: Daemon, tmp_path: Path) 
         assert (out / kept).exists(), kept
 
 
+def test_a_file_changed_on_the_server_is_updated_and_a_local_edit_is_not(
+    shared: Path, daemon: Daemon, tmp_path: Path
+) -> None:
+    """
+    After a mirror, the server's docs/a.txt and docs/b.txt change, and the
+    user edits the local docs/b.txt: the re-run replaces a.txt (the client
+    saved it and nobody touched it), refuses b.txt (exit 5), and with
+    --force replaces it too.
+    """
+    share(shared, TREE)
+    out = tmp_path / "out"
+    assert client(daemon, "get", "docs/", "-o", str(out)).returncode == 0
+    share(shared, {"docs/a.txt": b"new a", "docs/b.txt": b"new b"})
+    (out / "docs" / "b.txt").write_bytes(b"my edit")
+    again = client(daemon, "get", "docs/", "-o", str(out))
+    assert again.returncode == 5
+    assert (out / "docs" / "a.txt").read_bytes() == b"new a"
+    assert (out / "docs" / "b.txt").read_bytes() == b"my edit"
+    assert summary(again) == {"files": 3, "fetched": 1, "skipped": 1, "failed": 1}
+    forced = client(daemon, "get", "docs/", "-o", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (out / "docs" / "b.txt").read_bytes() == b"new b"
+
+
 def test_four_connections_survive_the_daemon_dying_mid_mirror(
     shared: Path, daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:

@@ -137,15 +137,16 @@ def test_compare_absent_same_and_different(tmp_path: Path) -> None:
     digests = LocalDigests(str(tmp_path))
     final = tmp_path / "f.bin"
     ask = server(b"data")
-    assert result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, ask, digests, False))) == (Local.ABSENT, 0)
+    assert result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, ask, digests, False))) == (Local.ABSENT, None)
     final.write_bytes(b"data")
-    assert result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, ask, digests, False))) == (Local.SAME, 4)
+    assert result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, ask, digests, False)))[0] is Local.SAME
     assert len(ask.calls) == 1
     final.write_bytes(b"other!")
     with pytest.raises(LocalError, match="differs from the server's file"):
         result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, ask, digests, False)))
     assert len(ask.calls) == 1  # the listing's size already said so
-    assert result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, ask, digests, True))) == (Local.DIFFERENT, 6)
+    verdict, st = result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, ask, digests, True)))
+    assert verdict is Local.DIFFERENT and st.st_size == 6
 
 
 def test_compare_same_size_other_bytes_and_what_is_not_a_file(tmp_path: Path) -> None:
@@ -164,6 +165,23 @@ def test_compare_same_size_other_bytes_and_what_is_not_a_file(tmp_path: Path) ->
     with pytest.raises(LocalError, match="not a regular file"):
         result(Deferred.fromCoroutine(compare(str(link), "l.bin", 4, server(b"data"), digests, False)))
     assert result(Deferred.fromCoroutine(compare(str(link), "l.bin", 4, server(b"data"), digests, True)))[0] is Local.DIFFERENT
+
+
+def test_a_file_this_client_saved_and_nobody_changed_is_outdated_not_different(tmp_path: Path) -> None:
+    """
+    Saved by the client (remembered as such) and untouched since, while
+    the server's file changed: OUTDATED, replaced without --force.  Once
+    someone writes to it, it is theirs: a LocalError without --force.
+    """
+    final = tmp_path / "f.bin"
+    final.write_bytes(b"old!")
+    digests = LocalDigests(str(tmp_path))
+    digests.remember("f.bin", str(final), sha(b"old!"))
+    verdict, st = result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, server(b"new!"), digests, False)))
+    assert verdict is Local.OUTDATED and st.st_size == 4
+    final.write_bytes(b"mine")
+    with pytest.raises(LocalError, match="differs"):
+        result(Deferred.fromCoroutine(compare(str(final), "f.bin", 4, server(b"new!"), digests, False)))
 
 
 def make(root: Path, *paths: str) -> None:

@@ -24,6 +24,7 @@ from filecache.client.errors import (
     ServerError,
     VersionChanged,
 )
+from filecache.client.localdigests import Stamp
 from filecache.client.partfile import PartFile
 from filecache.client.progress import Progress
 from filecache.client.protocol import FileCacheClientProtocol
@@ -98,6 +99,7 @@ async def fetch(
     *,
     clock: IReactorTime,
     force: bool = False,
+    replacing: Stamp | None = None,
     progress: Callable[[], Progress] = Progress,
     retries: int = 0,
     on_retry: Callable[[str, BaseException, float], None] = lambda *a: None,
@@ -117,6 +119,10 @@ async def fetch(
     folder); with C{folders}, they are noted there instead, for the caller
     to remove once no download under way needs them.
 
+    With C{replacing}, the file under the final name may be replaced if
+    it still has that stamp (L{Local.OUTDATED}: the older version this
+    client saved).
+
     @raise LocalError: unsafe name, existing destination without C{force},
         someone else's file under our temporary names, or a local error.
     @raise ServerError: the server answered an error.
@@ -124,7 +130,7 @@ async def fetch(
     @raise ConnectionLostEarly: the connection was lost past the retries.
     """
     final = destination(folder, path)
-    if os.path.lexists(final) and not force:
+    if os.path.lexists(final) and not force and replacing is None:
         raise LocalError(f"{final} exists (use --force to overwrite)")
     created = make_parents(folder, path, folders)
     if folders is not None:
@@ -134,7 +140,7 @@ async def fetch(
     try:
         if os.path.isdir(final):
             raise LocalError(f"{final} is a folder")
-        sink = PartFile(final, path, progress(), force=force)
+        sink = PartFile(final, path, progress(), force=force, replacing=replacing)
         sink.claim()
         result = await _fetch_with_retries(
             session, path, sink, retries, clock, on_retry, interrupted

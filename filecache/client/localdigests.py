@@ -85,7 +85,8 @@ class LocalDigests:
         self.path = os.path.join(folder, STATE_NAME)
         self._folder = folder
         self._run_blocking = run_blocking
-        self._known: dict[str, tuple[Stamp, str]] = {}
+        # By path: the stamp, the digest, and whether this client saved the file.
+        self._known: dict[str, tuple[Stamp, str, bool]] = {}
         self._ours = True  # no file yet, or one we wrote
         self._changed = False
 
@@ -107,8 +108,9 @@ class LocalDigests:
             data = json.loads(raw.decode("utf-8"))
             if data.get("format") != FORMAT:
                 raise ValueError("not ours")
-            for rel, (size, mtime, ctime, ino, digest) in data["files"].items():
-                self._known[str(rel)] = ((int(size), int(mtime), int(ctime), int(ino)), str(digest))
+            for rel, (size, mtime, ctime, ino, digest, saved) in data["files"].items():
+                stamp = (int(size), int(mtime), int(ctime), int(ino))
+                self._known[str(rel)] = (stamp, str(digest), saved is True)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._known.clear()
             self._ours = False
@@ -130,20 +132,28 @@ class LocalDigests:
             if found is None:
                 self.forget(rel)
                 return None
-            self._known[rel] = (found[1], found[0])
+            self._known[rel] = (found[1], found[0], False)
             self._changed = True
             return found[0]
 
         return d.addCallback(remember)
 
     def remember(self, rel: str, local: str, digest: str) -> None:
-        """C{local} (shared path C{rel}) was just written, with C{digest}."""
+        """C{local} (shared path C{rel}) was just saved by this client, with C{digest}."""
         try:
             st = os.lstat(local)
         except OSError:
             return
-        self._known[rel] = (stamp_of(st), digest)
+        self._known[rel] = (stamp_of(st), digest, True)
         self._changed = True
+
+    def saved_unchanged(self, rel: str, st: os.stat_result) -> bool:
+        """
+        Whether this client saved C{rel} (a mirror of it, one run or
+        another) and the file, whose C{lstat} is C{st}, has not changed since.
+        """
+        known = self._known.get(rel)
+        return known is not None and known[2] and known[0] == stamp_of(st)
 
     def forget(self, rel: str) -> None:
         if self._known.pop(rel, None) is not None:
@@ -162,7 +172,7 @@ class LocalDigests:
             return
         data = {
             "format": FORMAT,
-            "files": {rel: [*st, digest] for rel, (st, digest) in sorted(self._known.items())},
+            "files": {rel: [*st, digest, saved] for rel, (st, digest, saved) in sorted(self._known.items())},
         }
         try:
             fd, temporary = tempfile.mkstemp(prefix=STATE_NAME + ".", suffix=".tmp", dir=self._folder)

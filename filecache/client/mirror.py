@@ -25,7 +25,7 @@ from filecache.client.errors import (
 )
 from filecache.client.interrupt import Interrupted, Stop
 from filecache.client.lanes import Job, Lane, Lanes
-from filecache.client.localdigests import LocalDigests, RunBlocking
+from filecache.client.localdigests import LocalDigests, RunBlocking, stamp_of
 from filecache.client.protocol import FileCacheClientProtocol
 from filecache.client.pruning import find_extras, remove_extras
 from filecache.client.readers import FileHash
@@ -188,11 +188,12 @@ class Mirror:
         inv = self._inv
         try:
             final = destination(inv.folder, job.path)
-            verdict, size = await compare(
+            verdict, st = await compare(
                 final, job.path, job.size, lambda: self._hash(job, lane), self.digests, inv.force
             )
             if verdict is Local.SAME:
-                self.report.end(job, SKIPPED, size, final)
+                assert st is not None
+                self.report.end(job, SKIPPED, st.st_size, final)
                 return
             if inv.dry_run:
                 await self._would_fetch(job, lane, final, verdict)
@@ -203,6 +204,7 @@ class Mirror:
                 inv.folder,
                 clock=self._reactor,
                 force=inv.force,
+                replacing=stamp_of(st) if verdict is Local.OUTDATED and st is not None else None,
                 progress=lambda: self.report.progress(job, lane),
                 retries=inv.retries,
                 on_retry=lambda name, error, delay: self.report.retrying(lane, name, error, delay),
@@ -249,6 +251,6 @@ class Mirror:
             # A bare NAME: make sure the server has it, and learn its size.
             size = (await self._hash(job, lane)).size
             self.report.tally.size += size
-        what = "would replace" if verdict is Local.DIFFERENT else "would fetch"
+        what = {Local.DIFFERENT: "would replace", Local.OUTDATED: "would update"}.get(verdict, "would fetch")
         self.report.would(job, what, final, size)
         self.report.tally.end(FETCHED, size)

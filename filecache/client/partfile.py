@@ -83,10 +83,21 @@ class PartFile:
     A partial file is ours only while its sidecar says so (the sidecar is
     written first); anything else found under these names is someone
     else's, and without C{force} it is neither truncated nor removed.
+    C{replacing}: the stamp of a file under the final name that may be
+    replaced (one this client saved, since changed on the server), if it
+    still has it.
     """
 
-    def __init__(self, final: str, name: str, progress: Progress, force: bool = False) -> None:
+    def __init__(
+        self,
+        final: str,
+        name: str,
+        progress: Progress,
+        force: bool = False,
+        replacing: tuple[int, int, int, int] | None = None,
+    ) -> None:
         self.final = final
+        self._replacing = replacing
         self.part, self.meta = part_names(final)
         self._name = name
         self._progress = progress
@@ -267,7 +278,7 @@ class PartFile:
                 self.discard()
                 raise
         try:
-            if self._force:
+            if self._force or self._replacing is not None and self._still_replacing():
                 os.replace(self.part, self.final)
             else:
                 self._move_without_replacing()
@@ -279,6 +290,16 @@ class PartFile:
         except OSError as e:
             raise LocalError(f"cannot rename {self.part}: {e.strerror}") from None
         self._remove(self.meta)
+
+    def _still_replacing(self) -> bool:
+        """Whether the final name holds what it held when it was found outdated (or nothing)."""
+        try:
+            st = os.lstat(self.final)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == self._replacing
 
     def _move_without_replacing(self) -> None:
         try:
