@@ -98,11 +98,14 @@ def test_closing_leaves_the_overall_line_alone() -> None:
     """close(): one last frame of the overall line only, then a newline; nothing drawn after."""
     b, stream, tally, clock = board(lanes=2)
     b.start()
-    t = start(b, "f.bin", 0)
+    job = Job("f.bin", 4096)
+    t = b.progress(job, lane(0))
+    t.start("f.bin", 4096, 0)
     clock.advance(REDRAW_EVERY)
     t.advance(4096)
     t.close()
     tally.end(FETCHED, 4096)
+    b.finished(job, FETCHED, 4096)
     b.close()
     tail = UP.split(stream.getvalue())[-1]
     assert tail.count("\n") == 1 and tail.endswith("\n")
@@ -138,3 +141,23 @@ def test_the_summary_says_fetched_skipped_failed_bytes_and_time() -> None:
     assert tally.summary(1, dry_run=True) == (
         "dry run: 3 files: 1 to fetch (2.0 KiB), 1 skipped, 1 failed"
     )
+
+
+def test_a_transfer_stopped_part_way_still_counts_its_bytes() -> None:
+    """
+    A transfer that stops part-way (its partial file kept, as on Ctrl-C)
+    keeps its bytes in the overall line until its file is done; a retry
+    of it takes over from them, so nothing is counted twice.
+    """
+    b, _, _, _ = board(lanes=1, columns=120)
+    job = Job("big.bin", 40 * 1024)
+    first = b.progress(job, lane(0))
+    first.start("big.bin", 40 * 1024, 0)
+    first.advance(10 * 1024)
+    first.close()
+    assert "10.0 KiB/40.0 KiB" in b.lines()[0]
+    retry = b.progress(job, lane(0))
+    retry.start("big.bin", 40 * 1024, 10 * 1024)
+    retry.advance(1024)
+    assert "11.0 KiB/40.0 KiB" in b.lines()[0]
+

@@ -58,8 +58,9 @@ def terminal_columns(stream: IO[str]) -> int:
 class _Transfer(Progress):
     """One job's body on the board."""
 
-    def __init__(self, board: Board, lane: Lane, name: str) -> None:
-        self.board, self.lane, self.name = board, lane, name
+    def __init__(self, board: Board, lane: Lane, job: Job) -> None:
+        self.board, self.lane, self.job = board, lane, job
+        self.name = wire.printable(job.path)
         self.total = 0
         self.done = 0
         self.counted = False
@@ -100,6 +101,7 @@ class Board(Display):
         self._columns = columns or (lambda: terminal_columns(err))
         self._started = clock.seconds()
         self._active: dict[int, list[_Transfer]] = {}
+        self._stopped: dict[Job, _Transfer] = {}
         self._samples: deque[tuple[float, int]] = deque([(self._started, 0)])
         self._drawn = 0
         self._timer: Any = None
@@ -109,9 +111,10 @@ class Board(Display):
     # What the transfers report
 
     def progress(self, job: Job, lane: Lane) -> Progress:
-        return _Transfer(self, lane, wire.printable(job.path))
+        return _Transfer(self, lane, job)
 
     def begun(self, transfer: _Transfer) -> None:
+        self._stopped.pop(transfer.job, None)  # a retry takes over from its last attempt
         self._active.setdefault(transfer.lane.number, []).append(transfer)
         self.dirty = True
 
@@ -119,14 +122,20 @@ class Board(Display):
         active = self._active.get(transfer.lane.number, [])
         if transfer in active:
             active.remove(transfer)
+            # Its bytes count until its file is counted as done (or for good:
+            # a partial file kept).
+            self._stopped[transfer.job] = transfer
         self.dirty = True
 
     def in_flight_bytes(self) -> int:
-        return sum(t.done for active in self._active.values() for t in active)
+        """The bytes of the files not counted as done yet: under way, or stopped part-way."""
+        active = sum(t.done for transfers in self._active.values() for t in transfers)
+        return active + sum(t.done for t in self._stopped.values())
 
     # Drawing
 
     def finished(self, job: Job, verb: str, size: int) -> None:
+        self._stopped.pop(job, None)
         self.dirty = True
 
     def start(self) -> None:
