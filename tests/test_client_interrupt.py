@@ -18,9 +18,10 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from filecache.client.download import Session, fetch, retry_delay
+from filecache.client.download import Session, fetch
 from filecache.client.errors import ConnectionLostEarly
 from filecache.client.protocol import FileCacheClientProtocol
+from filecache.client.retrying import Retrying, retry_delay
 
 VERSION = b"2a-64-18ea3fdc92c71808"
 
@@ -98,10 +99,7 @@ def test_an_interrupted_fetch_is_not_retried(tmp_path: Path) -> None:
             session,
             "f.bin",
             str(tmp_path / "out"),
-            clock=clock,
-            retries=5,
-            on_retry=lambda *a: retried.append(a),
-            interrupted=lambda: True,
+            retrying=Retrying(clock, 5, lambda *a: retried.append(a), lambda: True),
         )
     )
     seen = outcome(d)
@@ -125,9 +123,7 @@ def test_without_an_interrupt_the_same_fetch_is_retried(tmp_path: Path) -> None:
             session,
             "f.bin",
             str(tmp_path / "out"),
-            clock=clock,
-            retries=2,
-            on_retry=lambda *a: retried.append(a),
+            retrying=Retrying(clock, 2, lambda *a: retried.append(a)),
         )
     )
     seen = outcome(d)
@@ -159,7 +155,7 @@ def test_cancelling_a_fetch_while_it_waits_to_retry_stops_the_wait(tmp_path: Pat
     session = LostSession()
     clock = Clock()
     d = Deferred.fromCoroutine(
-        fetch(session, "f.bin", str(tmp_path / "out"), clock=clock, retries=3)
+        fetch(session, "f.bin", str(tmp_path / "out"), retrying=Retrying(clock, 3))
     )
     seen = outcome(d)
     assert session.attempts == 1 and len(clock.getDelayedCalls()) == 1

@@ -6,6 +6,7 @@ that decide which file goes where, and when.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from conftest import connected_client
@@ -76,16 +77,21 @@ def test_cancelling_a_request_sent_ahead_spends_the_connection() -> None:
     assert first[0].check(ConnectionLostEarly)
 
 
-def test_everyone_waiting_for_a_connection_shares_one() -> None:
-    """Three transfers asking a Session at once: one connection is made, and all three get it."""
-    made: list[Deferred[FileCacheClientProtocol]] = []
+def dialling(made: list[Deferred[FileCacheClientProtocol]]) -> Callable[[], Deferred[FileCacheClientProtocol]]:
+    """A connect function whose attempts are Deferreds appended to C{made}, fired by the test."""
 
     def dial() -> Deferred[FileCacheClientProtocol]:
         d: Deferred[FileCacheClientProtocol] = Deferred()
         made.append(d)
         return d
 
-    session = Session(dial)
+    return dial
+
+
+def test_everyone_waiting_for_a_connection_shares_one() -> None:
+    """Three transfers asking a Session at once: one connection is made, and all three get it."""
+    made: list[Deferred[FileCacheClientProtocol]] = []
+    session = Session(dialling(made))
     got = [seen(Deferred.fromCoroutine(session.client())) for _ in range(3)]
     assert len(made) == 1 and got == [[], [], []]
     proto, _ = connected_client()
@@ -96,13 +102,7 @@ def test_everyone_waiting_for_a_connection_shares_one() -> None:
 def test_a_failed_connection_fails_everyone_waiting_and_the_next_ask_dials_again() -> None:
     """When the one attempt fails, every waiter sees its error; the next caller tries anew."""
     made: list[Deferred[FileCacheClientProtocol]] = []
-
-    def dial() -> Deferred[FileCacheClientProtocol]:
-        d: Deferred[FileCacheClientProtocol] = Deferred()
-        made.append(d)
-        return d
-
-    session = Session(dial)
+    session = Session(dialling(made))
     got = [seen(Deferred.fromCoroutine(session.client())) for _ in range(2)]
     made[0].errback(ConnectionLostEarly("refused"))
     assert all(g[0].check(ConnectionLostEarly) for g in got)

@@ -20,6 +20,7 @@ from filecache.client.localdigests import RunBlocking
 from filecache.client.mirror import Mirror
 from filecache.client.output import print_listing, print_stats, say
 from filecache.client.progress import TqdmProgress
+from filecache.client.retrying import Retrying
 from filecache.client.selection import Wanted, select
 from filecache.client.tostdout import binary_stream, resolve_one, send_to_stdout
 
@@ -72,24 +73,14 @@ async def _to_stdout(reactor: Any, inv: Invocation, out: IO[str], err: IO[str], 
     # tqdm's disable: True never draws, False always, None only on a terminal.
     no_bar = True if inv.quiet or inv.progress in ("plain", "none") else False if inv.progress == "bars" else None
 
-    def retrying(name: str, error: BaseException, delay: float) -> None:
+    def retrying_said(name: str, error: BaseException, delay: float) -> None:
         say(err, f"{name}: {describe(error)}; retrying in {delay:g} s")
 
+    retrying = Retrying(reactor, inv.retries, retrying_said, lambda: stop.requested)
     try:
-        path = await resolve_one(
-            session, inv.names[0], inv.recursive, clock=reactor, retries=inv.retries
-        )
+        path = await resolve_one(session, inv.names[0], inv.recursive, retrying)
         stream = binary_stream(out)
-        await send_to_stdout(
-            session,
-            path,
-            stream,
-            clock=reactor,
-            progress=TqdmProgress(err, disable=no_bar),
-            retries=inv.retries,
-            on_retry=retrying,
-            interrupted=lambda: stop.requested,
-        )
+        await send_to_stdout(session, path, stream, TqdmProgress(err, disable=no_bar), retrying)
         stream.flush()
     finally:
         await session.close()

@@ -11,15 +11,12 @@ from typing import TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from filecache.client.destination import Folders, destination, make_parents, remove_empty_folders
 from filecache.client.errors import (
     BrokenReply,
     ConnectionLostEarly,
-    HandshakeFailed,
     LocalError,
     ServerError,
     VersionChanged,
@@ -29,6 +26,7 @@ from filecache.client.partfile import PartFile
 from filecache.client.progress import Progress
 from filecache.client.protocol import FileCacheClientProtocol
 from filecache.client.readers import Download
+from filecache.client.retrying import RETRYABLE, Retrying
 
 Connect = Callable[[], Awaitable[FileCacheClientProtocol]]
 _T = TypeVar("_T")
@@ -74,45 +72,23 @@ class Session:
             await self._client.quit()
 
 
-RETRYABLE = (ConnectionLostEarly, ConnectError, VersionChanged)
-
-
-FIRST_DELAY = 0.25
-MAX_DELAY = 5.0
-
-
-def retry_delay(attempt: int) -> float:
-    """
-    Seconds to wait before retry number C{attempt} (1, 2, ...): 0.25,
-    doubling, at most 5.  No jitter: one client retrying one file has no
-    herd to spread, and the delay it announces is the delay it waits.
-    (Twisted's backoffPolicy computes the same, but importing its module
-    added about 20 ms to every start of the client.)
-    """
-    return min(FIRST_DELAY * 2.0 ** min(attempt - 1, 64), MAX_DELAY)
-
-
 async def fetch(
     session: Session,
     path: str,
     folder: str,
     *,
-    clock: IReactorTime,
+    retrying: Retrying,
     force: bool = False,
     replacing: Stamp | None = None,
     progress: Callable[[], Progress] = Progress,
-    retries: int = 0,
-    on_retry: Callable[[str, BaseException, float], None] = lambda *a: None,
-    interrupted: Callable[[], bool] = lambda: False,
     folders: Folders | None = None,
 ) -> tuple[str, Download]:
     """
     Download shared C{path} into C{folder}; return the saved file's name and
     what was received last.
 
-    A lost connection is retried up to C{retries} times (none once
-    C{interrupted()} is true), each after L{retry_delay} on C{clock},
-    resuming from the partial file when the server still has the same
+    A lost connection is retried as C{retrying} says, resuming from the
+    partial file when the server still has the same
     version; a resumed file is checked against the server's whole-file
     SHA-256 before it is moved into place.  Folders made for a download
     that fails are removed again when empty (a kept partial file keeps its
@@ -142,9 +118,7 @@ async def fetch(
             raise LocalError(f"{final} is a folder")
         sink = PartFile(final, path, progress(), force=force, replacing=replacing)
         sink.claim()
-        result = await _fetch_with_retries(
-            session, path, sink, retries, clock, on_retry, interrupted
-        )
+        result = await _fetch_with_retries(session, path, sink, retrying)
         sink.commit()
     except BaseException:
         remove_empty_folders(created)
@@ -152,36 +126,11 @@ async def fetch(
     return final, result
 
 
-def may_retry(error: BaseException, attempt: int, retries: int, interrupted: Callable[[], bool]) -> bool:
-    return attempt <= retries and not isinstance(error, HandshakeFailed) and not interrupted()
-
-
-async def wait_to_retry(
-    error: BaseException,
-    attempt: int,
-    retries: int,
-    name: str,
-    clock: IReactorTime,
-    on_retry: Callable[[str, BaseException, float], None],
-    interrupted: Callable[[], bool],
-) -> None:
-    """Wait before retry number C{attempt} of C{name}, or raise C{error} if none is left."""
-    if not may_retry(error, attempt, retries, interrupted):
-        raise error
-    delay = retry_delay(attempt)
-    on_retry(name, error, delay)
-    await deferLater(clock, delay)
-
-
 async def ask(
     session: Session,
     request: Callable[[FileCacheClientProtocol], Deferred[_T]],
     name: str,
-    *,
-    clock: IReactorTime,
-    retries: int = 0,
-    on_retry: Callable[[str, BaseException, float], None] = lambda *a: None,
-    interrupted: Callable[[], bool] = lambda: False,
+    retrying: Retrying,
 ) -> _T:
     """
     Send C{request} (a HASH, a LIST) over C{session} and return its reply,
@@ -194,17 +143,14 @@ async def ask(
             return await request(client)
         except (ConnectionLostEarly, ConnectError) as e:
             attempt += 1
-            await wait_to_retry(e, attempt, retries, name, clock, on_retry, interrupted)
+            await retrying.wait(e, attempt, name)
 
 
 async def _fetch_with_retries(
     session: Session,
     path: str,
     sink: PartFile,
-    retries: int,
-    clock: IReactorTime,
-    on_retry: Callable[[str, BaseException, float], None],
-    interrupted: Callable[[], bool],
+    retrying: Retrying,
 ) -> Download:
     attempt = 0
     restarted = False
@@ -215,12 +161,12 @@ async def _fetch_with_retries(
         except RETRYABLE as e:
             sink.keep()
             attempt += 1
-            if isinstance(e, VersionChanged) and not may_retry(e, attempt, retries, interrupted):
+            if isinstance(e, VersionChanged) and not retrying.allows(e, attempt):
                 raise ConnectionLostEarly(str(e)) from None
-            await wait_to_retry(e, attempt, retries, path, clock, on_retry, interrupted)
+            await retrying.wait(e, attempt, path)
             continue
-        except BrokenReply:
-            if not restarted and sink.have() and attempt < retries and not interrupted():
+        except BrokenReply as e:
+            if not restarted and sink.have() and retrying.allows(e, attempt + 1):
                 # What an earlier attempt left may be bad: start over once.
                 sink.discard()
                 restarted = True

@@ -30,6 +30,7 @@ from filecache.client.protocol import FileCacheClientProtocol
 from filecache.client.pruning import find_extras, remove_extras
 from filecache.client.readers import FileHash
 from filecache.client.reporter import FIRST, LAST, Key, Reporter
+from filecache.client.retrying import Retrying
 from filecache.client.selection import Wanted, folder_rows, select
 from filecache.client.uptodate import Local, compare
 
@@ -131,15 +132,18 @@ class Mirror:
 
     async def _listing(self) -> list[wire.ListRow]:
         rows: list[wire.ListRow] = await ask(
-            self.lanes.lanes[0].session,
-            lambda client: client.list(),
-            "the listing",
-            clock=self._reactor,
-            retries=self._inv.retries,
-            on_retry=lambda name, error, delay: self.report.retrying(None, name, error, delay),
-            interrupted=lambda: self._stop.requested,
+            self.lanes.lanes[0].session, lambda client: client.list(), "the listing", self._retrying(None)
         )
         return rows
+
+    def _retrying(self, lane: Lane | None) -> Retrying:
+        """How a request on C{lane} (or the listing's) is retried."""
+        return Retrying(
+            self._reactor,
+            self._inv.retries,
+            lambda name, error, delay: self.report.retrying(lane, name, error, delay),
+            lambda: self._stop.requested,
+        )
 
     async def _look_in_folders(self) -> None:
         """Bare NAMEs the server has no file by: folders, if the listing says so."""
@@ -202,13 +206,10 @@ class Mirror:
                 lane.session,
                 job.path,
                 inv.folder,
-                clock=self._reactor,
+                retrying=self._retrying(lane),
                 force=inv.force,
                 replacing=stamp_of(st) if verdict is Local.OUTDATED and st is not None else None,
                 progress=lambda: self.report.progress(job, lane),
-                retries=inv.retries,
-                on_retry=lambda name, error, delay: self.report.retrying(lane, name, error, delay),
-                interrupted=lambda: self._stop.requested,
                 folders=self._folders,
             )
             self.digests.remember(job.path, saved, result.digest)
@@ -235,13 +236,7 @@ class Mirror:
 
     async def _hash(self, job: Job, lane: Lane) -> FileHash:
         found: FileHash = await ask(
-            lane.session,
-            lambda client: client.hash(job.path),
-            job.path,
-            clock=self._reactor,
-            retries=self._inv.retries,
-            on_retry=lambda name, error, delay: self.report.retrying(lane, name, error, delay),
-            interrupted=lambda: self._stop.requested,
+            lane.session, lambda client: client.hash(job.path), job.path, self._retrying(lane)
         )
         return found
 

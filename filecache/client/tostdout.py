@@ -7,16 +7,15 @@ file's SHA-256 is still checked (against bytes that already went out).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from typing import IO, Any, BinaryIO
 
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IReactorTime
 
-from filecache.client.download import RETRYABLE, Session, ask, wait_to_retry
+from filecache.client.download import Session, ask
 from filecache.client.errors import BrokenReply, NoMatch, UsageError, VersionChanged
 from filecache.client.progress import Progress
 from filecache.client.readers import Download
+from filecache.client.retrying import RETRYABLE, Retrying
 from filecache.client.selection import Wanted, select
 
 
@@ -51,7 +50,7 @@ def _went_out(error: BaseException, sink: StdoutSink) -> BrokenReply:
     )
 
 
-async def resolve_one(session: Session, name: str, recursive: bool, *, clock: IReactorTime, retries: int) -> str:
+async def resolve_one(session: Session, name: str, recursive: bool, retrying: Retrying) -> str:
     """
     The one shared path C{name} stands for: itself when bare, else the one
     file it matches.
@@ -62,7 +61,7 @@ async def resolve_one(session: Session, name: str, recursive: bool, *, clock: IR
     want = Wanted(name, recursive)
     if want.plain:
         return name
-    rows = await ask(session, lambda client: client.list(), "the listing", clock=clock, retries=retries)
+    rows = await ask(session, lambda client: client.list(), "the listing", retrying)
     chosen = select([want], rows)
     if chosen.unmatched:
         raise NoMatch(name)
@@ -75,12 +74,8 @@ async def send_to_stdout(
     session: Session,
     path: str,
     stream: BinaryIO,
-    *,
-    clock: IReactorTime,
     progress: Progress,
-    retries: int = 0,
-    on_retry: Callable[[str, BaseException, float], None] = lambda *a: None,
-    interrupted: Callable[[], bool] = lambda: False,
+    retrying: Retrying,
 ) -> Download:
     """
     Write shared C{path} to C{stream}.  A first reply that comes whole is
@@ -110,7 +105,7 @@ async def send_to_stdout(
                 raise BrokenReply(str(e)) from None
             except (*RETRYABLE, ConnectError) as e:
                 attempt += 1
-                await wait_to_retry(e, attempt, retries, path, clock, on_retry, interrupted)
+                await retrying.wait(e, attempt, path)
     except BrokenReply as e:
         if sink.written:
             raise _went_out(e, sink) from None
