@@ -34,7 +34,7 @@ commands:
 exit status:
   0 success                    3 cannot connect, connection lost or timed out
   1 the server answered ERR    4 integrity check failed (size or SHA-256)
-  2 usage error                5 local error (destination exists, cannot write)
+  2 usage error                5 local error (a local file differs: --force; cannot write)
   130 interrupted (Ctrl-C, SIGINT), 143 terminated (SIGTERM): partial
       downloads are kept, and the same get resumes them
   141 stdout was closed before all output was written (`list | head -1`)
