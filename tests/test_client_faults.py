@@ -1144,3 +1144,45 @@ def test_broken_reply_aborts_and_fails_the_request_with_broken_reply() -> None:
     proto.connectionLost(Failure(ConnectionAborted()))
     assert len(errors) == 1
     assert isinstance(errors[0].value, BrokenReply)
+
+
+# Many transfers at once (issue 11)
+
+
+def test_names_in_a_mirror_are_escaped_everywhere_they_are_shown(out: Path) -> None:
+    """
+    A listed name with OSC, BEL and ESC in it, mirrored with
+    --progress=plain: the per-file line, the summary and the saved name on
+    stdout are all inert; the file is saved under its real name.
+    """
+    evil = "d/\x1b]0;owned\x07\x1b[2Jx.bin"
+    quoted = wire.quote_path(evil)
+    script = {
+        b"LIST": Reply(b"OK\r\n100 1700000000 - " + quoted + b"\r\nEND 1\r\n"),
+        b"GET " + quoted: Reply(good_reply(BODY)),
+    }
+    with FakeServer(script) as server:
+        result = get(server, out, "d/", extra=("--progress", "plain"))
+    assert result.returncode == 0, result.stderr
+    assert_inert(result.stdout)
+    assert_inert(result.stderr)
+    assert before_summary(result, fetched=1, failed=0) == [
+        PROG + "fetched: d/\\x1b]0;owned\\x07\\x1b[2Jx.bin (100 B)"
+    ]
+    assert (out / "d" / "\x1b]0;owned\x07\x1b[2Jx.bin").read_bytes() == BODY
+
+
+def test_a_mirror_whose_every_file_fails_leaves_no_folder_behind(tmp_path: Path) -> None:
+    """
+    `get 'a/**' -o new` where each GET is answered ERR: exit 1, and neither
+    new/ nor the sub-folders made for the files are left.
+    """
+    rows = b"".join(b"10 1700000000 - %s\r\n" % p for p in (b"a/b/x", b"a/c/d/y", b"a/z"))
+    script = {b"LIST": Reply(b"OK\r\n" + rows + b"END 3\r\n")}
+    script.update({b"GET " + p: Reply(b"ERR unavailable disk\r\n") for p in (b"a/b/x", b"a/c/d/y", b"a/z")})
+    new = tmp_path / "new"
+    with FakeServer(script) as server:
+        result = get(server, new, "a/**")
+    assert result.returncode == 1
+    assert len(before_summary(result, fetched=0, failed=3)) == 3
+    assert not new.exists()

@@ -83,6 +83,7 @@ def test_folders_and_r_keep_the_tree(shared: Path, daemon: Daemon, tmp_path: Pat
         assert files_under(out) == want
         assert sorted(result.stdout.splitlines()) == sorted(str(out / rel) for rel in want)
         assert summary(result) == {"files": 3, "fetched": 3, "skipped": 0, "failed": 0}
+        assert len(result.stderr.splitlines()) == 1  # off a terminal: no bars, the summary alone
 
 
 def test_each_glob_form_and_list_with_the_same_patterns(shared: Path, daemon: Daemon, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ place; messages above it; the tally and its summary line.
 from __future__ import annotations
 
 import io
+import os
 import re
 
 from twisted.internet.task import Clock
@@ -161,3 +162,51 @@ def test_a_transfer_stopped_part_way_still_counts_its_bytes() -> None:
     retry.advance(1024)
     assert "11.0 KiB/40.0 KiB" in b.lines()[0]
 
+
+
+class OnTty(io.StringIO):
+    """A text stream that records what is written and says it is terminal C{fd}."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def names_printed(*argv: str, same_terminal: bool = True) -> str:
+    """What a multi-file get prints on stdout for one saved file, stderr on a terminal."""
+    from filecache.client.arguments import Invocation, build_parser
+    from filecache.client.reporter import Reporter
+
+    first, first_peer = os.openpty()
+    second, second_peer = os.openpty()
+    try:
+        inv = Invocation(build_parser().parse_intermixed_args(["h", "1", "get", "d/", *argv]))
+        err = OnTty(first_peer)
+        out = OnTty(first_peer if same_terminal else second_peer)
+        report = Reporter(inv, out, err, Clock())
+        report.show(multi=True)
+        report.end(Job("d/x", 10), FETCHED, 10, "out/d/x")
+        report.close()
+        return out.getvalue()
+    finally:
+        for fd in (first, first_peer, second, second_peer):
+            os.close(fd)
+
+
+def test_names_go_to_stdout_unless_it_is_the_terminal_the_bars_are_on() -> None:
+    """
+    Bars on stderr's terminal and stdout the same terminal: no names (they
+    would scroll the bars) unless --print; stdout another terminal, or no
+    bars (--quiet, --progress=plain): the names.
+    """
+    assert names_printed() == ""
+    assert names_printed("--print") == "out/d/x\n"
+    assert names_printed(same_terminal=False) == "out/d/x\n"
+    assert names_printed("--quiet") == "out/d/x\n"
+    assert names_printed("--progress", "plain") == "out/d/x\n"
