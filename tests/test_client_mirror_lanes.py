@@ -6,6 +6,8 @@ that decide which file goes where, and when.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +15,9 @@ from conftest import connected_client
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.testing import StringTransport
 
+from filecache.client.bodyhash import THREAD_FROM
 from filecache.client.download import Session
-from filecache.client.errors import ConnectionLostEarly
+from filecache.client.errors import BrokenReply, ConnectionLostEarly
 from filecache.client.lanes import PIPELINE_BYTES, PIPELINE_DEPTH, Job, Lane, Lanes, schedule_order
 from filecache.client.protocol import FileCacheClientProtocol
 
@@ -194,3 +197,60 @@ def test_halt_starts_nothing_more_and_cancel_stops_everything() -> None:
     assert result[0].check(CancelledError)
     assert sorted(job.path for job in cancelled.under_way) == ["a", "b"]
     assert [job.path for job in cancelled.not_started] == ["c"]
+
+
+class Collect:
+    """A BodySink keeping the body in memory."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+
+    def begin(self, size: int, version: str) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+
+def large_body() -> bytes:
+    return bytes(range(256)) * (THREAD_FROM // 256 + 4096)
+
+
+def test_a_large_body_is_checked_by_a_hash_in_a_thread_of_its_own() -> None:
+    """
+    A body over THREAD_FROM bytes, in many pieces: hashed beside the
+    reactor, it is still checked against END (good, then bad), and the
+    thread is gone once the reply is done.
+    """
+    body = large_body()
+    digest = hashlib.sha256(body).hexdigest().encode()
+    for end, good in ((digest, True), (b"0" * 64, False)):
+        proto, _ = connected_client()
+        sink = Collect()
+        got = seen(proto.get("big.bin", sink))
+        proto.dataReceived(b"OK %d %s\r\n" % (len(body), VERSION))
+        hashing = [t for t in threading.enumerate() if t.name == "filecache-client sha256"]
+        assert hashing, "no hashing thread for a large body"
+        for at in range(0, len(body), 65536):
+            proto.dataReceived(body[at : at + 65536])
+        proto.dataReceived(b"END " + end + b"\r\n")
+        if good:
+            assert got[0].digest == digest.decode() and bytes(sink.body) == body
+        else:
+            proto.connectionLost()
+            assert got[0].check(BrokenReply)
+        assert not any(t.is_alive() for t in hashing)
+
+
+def test_a_large_body_cut_short_lets_its_hashing_thread_go() -> None:
+    """The connection lost mid-body: the request fails and its hashing thread ends."""
+    body = large_body()
+    proto, _ = connected_client()
+    got = seen(proto.get("big.bin", Collect()))
+    proto.dataReceived(b"OK %d %s\r\n" % (len(body), VERSION) + body[:100_000])
+    hashing = [t for t in threading.enumerate() if t.name == "filecache-client sha256"]
+    proto.connectionLost()
+    assert got[0].check(ConnectionLostEarly)
+    for t in hashing:
+        t.join(5)
+        assert not t.is_alive()

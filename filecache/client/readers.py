@@ -5,7 +5,6 @@ reply's lines (and a GET's body) and fires the request's Deferred.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -14,6 +13,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 
 from filecache import wire
+from filecache.client.bodyhash import BodyHash, body_hash
 from filecache.client.errors import BrokenReply, ServerError
 from filecache.client.reply_lines import (
     parse_count,
@@ -90,6 +90,9 @@ class ReplyReader:
     def raw(self, data: bytes) -> bytes | None:
         """Take raw body bytes; return what is left over once the body is whole."""
         raise BrokenReply("unexpected raw data")
+
+    def abandon(self) -> None:
+        """The reply will not be read to its end (the connection is gone): let go of what it holds."""
 
 
 def ok(line: bytes) -> wire.Status:
@@ -176,7 +179,7 @@ class GetReader(ReplyReader):
     def __init__(self, sink: BodySink) -> None:
         super().__init__()
         self._sink = sink
-        self._hash = hashlib.sha256()
+        self._hash: BodyHash = body_hash(0)
         self._size = -1
         self._left = 0
         self._version = ""
@@ -185,6 +188,7 @@ class GetReader(ReplyReader):
         if self._size < 0:
             self._size, self._version = parse_get_status(ok(line))
             self._left = self._size
+            self._hash = body_hash(self._size)
             self._sink.begin(self._size, self._version)
             return Next.BODY if self._left else Next.LINE
         digest = parse_end(line)
@@ -204,6 +208,9 @@ class GetReader(ReplyReader):
         if self._left == 0:
             return rest or b""
         return None
+
+    def abandon(self) -> None:
+        self._hash.abandon()
 
     @property
     def received(self) -> int:
