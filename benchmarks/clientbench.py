@@ -17,7 +17,6 @@ import hashlib
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK
-from benchmarks.processes import LOOPBACK, Processes
+from benchmarks.processes import LOOPBACK, Processes, run_with_servers
 from benchmarks.report import code_state, heading, machine_info
 from benchmarks.servers import Server, filecache_argv, http_server_argv, rclone_argv
 
@@ -301,20 +300,14 @@ def merge(old: str, section: str) -> str:
     return before + section + rest.partition(END)[2].lstrip("\n")
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     work = WORK / "client"
     logs = work / "logs"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
-    procs = Processes()
-    try:
+
+    def body(procs: Processes) -> int:
         tree = make_tree(work / ("quick" if args.quick else "full"), args.shape)
         code = code_state()
         found, results, sweep = measure(args, procs, work, logs, tree)
@@ -328,15 +321,8 @@ def main(argv: list[str]) -> int:
             md.write_text(merge(md.read_text() if md.exists() else "", report))
             say(f"wrote {md}")
         return 0
-    except BenchError as e:
-        say(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        say("interrupted: stopping the servers")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        procs.stop_all()
+
+    return run_with_servers(body)
 
 
 if __name__ == "__main__":

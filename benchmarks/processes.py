@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,35 @@ class Processes:
                 self.stop(proc, grace=5.0)
             except Exception as e:  # noqa: BLE001 -- keep stopping the others
                 say(f"  could not stop pid {proc.pid}: {e}")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_with_servers(body: Callable[[Processes], int]) -> int:
+    """
+    A benchmark's main: C{body(procs)} returns the exit status; whatever it
+    started in C{procs} is stopped however it ends.  Ctrl-C, SIGTERM and
+    SIGHUP stop it (even when started with SIGINT ignored, e.g. "&" in a
+    script), with status 130; a L{BenchError} is said, with status 1.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    procs = Processes()
+    try:
+        return body(procs)
+    except BenchError as e:
+        say(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted: stopping the servers")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop_all()
 
 
 def _signal_group(pgid: int, sig: int) -> None:

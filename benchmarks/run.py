@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK, make_dataset
 from benchmarks.httpreport import merge_results, render_http
 from benchmarks.httpworkloads import HTTP_WORKLOADS
-from benchmarks.processes import LOOPBACK, Processes, exit_status, tail
+from benchmarks.processes import LOOPBACK, Processes, exit_status, run_with_servers, tail
 from benchmarks.report import code_state, machine_info, render
 from benchmarks.servers import (
     FILECACHE,
@@ -179,10 +178,6 @@ def measure(
     return per
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str]) -> int:
     if "--client" in argv:
         # Issue 11's client benchmark: a harness of its own (benchmarks/clientbench.py).
@@ -190,15 +185,11 @@ def main(argv: list[str]) -> int:
 
         return client_main([a for a in argv if a != "--client"])
     args = parse_args(argv)
-    # Ctrl-C even when started with SIGINT ignored (e.g. "&" in a script).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
-    procs = Processes()
     results: dict[int, dict[str, Run]] = {}
     http_results: dict[str, dict[str, Run]] = {}
     started = time.monotonic()
-    try:
+
+    def body(procs: Processes) -> int:
         build_loadgen()
         ds = make_dataset(args.fresh_data)
         args.filecache_help = filecache_options() if FILECACHE in args.servers else ""
@@ -264,16 +255,8 @@ def main(argv: list[str]) -> int:
             say(f"wrote {HERE / 'results.md'}")
         say(f"done in {time.monotonic() - started:.0f} s; raw figures in {WORK / 'results.json'}")
         return 0
-    except BenchError as e:
-        say(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        say("interrupted: stopping the servers")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stop_all()
+
+    return run_with_servers(body)
 
 
 if __name__ == "__main__":

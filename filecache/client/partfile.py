@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from filecache.client.errors import LocalError, VersionChanged
+from filecache.client.localdigests import Stamp, stamp_of
 from filecache.client.progress import Progress
 
 # A download of NAME is written to .NAME.filecache-part beside NAME.  The
@@ -94,7 +95,7 @@ class PartFile:
         name: str,
         progress: Progress,
         force: bool = False,
-        replacing: tuple[int, int, int, int] | None = None,
+        replacing: Stamp | None = None,
     ) -> None:
         self.final = final
         self._replacing = replacing
@@ -299,7 +300,7 @@ class PartFile:
             return True
         except OSError:
             return False
-        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == self._replacing
+        return stamp_of(st) == self._replacing
 
     def _move_without_replacing(self) -> None:
         try:

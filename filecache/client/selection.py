@@ -6,6 +6,7 @@ LIST: a file, a folder's tree, or a shell-glob pattern; and what --delete covers
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ class Wanted:
     def folder(self) -> bool:
         return self.text.endswith("/")
 
-    @property
+    @functools.cached_property
     def glob(self) -> Glob:
         return Glob(self.text.rstrip("/") or self.text)
 
@@ -71,7 +72,7 @@ def select(wanted: Sequence[Wanted], rows: Iterable[wire.ListRow]) -> Selection:
     is that file; a bare name that is no file but a folder is that folder.
     A row asked for by several NAMEs is taken once.
     """
-    rows = sorted(rows, key=lambda r: r.path.encode("utf-8"))
+    rows = list(rows)
     by_path = {row.path: row for row in rows}
     chosen: dict[str, wire.ListRow] = {}
     understood: list[Wanted] = []
