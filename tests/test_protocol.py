@@ -497,7 +497,7 @@ def test_list_error_when_the_folder_cannot_be_listed(root: Path) -> None:
 
 def test_stats_keys_and_counters(root: Path) -> None:
     """
-    STATS sends `OK 14` and the documented keys with exact values:
+    STATS sends `OK 18` and the documented keys with exact values:
     hits/misses/bytes_sent/requests follow GETs, and connections_active /
     connections_total follow connections opening and closing.
     """
@@ -516,12 +516,14 @@ def test_stats_keys_and_counters(root: Path) -> None:
         "cache_bytes": 0, "cache_capacity": 1000, "cache_files": 0, "hits": 0,
         "misses": 0, "evictions": 0, "connections_active": 1, "connections_total": 1,
         "bytes_sent": 0, "requests": 1, "http_requests": 0, "uptime_seconds": 0, "worker": 0,
-        "pid": os.getpid(),
+        "pid": os.getpid(), "freshness_stats": 0, "freshness_watched_files": 0,
+        "freshness_watched_folders": 0, "freshness_overflows": 0,
     }
     assert first == zero
+    # The hit was checked with one stat (these tests run --freshness stat).
     assert second == dict(zero, cache_bytes=4, cache_files=1, hits=1, misses=1,
                           connections_active=2, connections_total=2, bytes_sent=8,
-                          requests=4)
+                          requests=4, freshness_stats=1)
     assert third == dict(second, connections_active=1, requests=5)
 
 
@@ -1004,7 +1006,7 @@ def test_line_of_exactly_4096_bytes_is_served(root: Path) -> None:
 
     out = ask(proto, transport, line + b"\r\nSTATS\r\n")
 
-    assert out.startswith(get_reply(data, version_of(path)) + b"OK 15\r\n")
+    assert out.startswith(get_reply(data, version_of(path)) + b"OK 19\r\n")
     assert transport.disconnecting is False
 
 

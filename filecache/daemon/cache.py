@@ -6,7 +6,7 @@ eviction, entries checked against the file's current version.  Pure logic.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from zope.interface import Attribute, Interface, implementer
@@ -52,6 +52,9 @@ class ICache(Interface):
     hits = Attribute("Lookups that found a current entry.")
     misses = Attribute("Lookups that did not.")
     evictions = Attribute("Entries dropped to make room or because they went stale.")
+    on_drop = Attribute(
+        "C{None}, or called with (path, entry) whenever an entry leaves the cache, for whatever reason."
+    )
 
     def lookup(path: str, version: str) -> CacheEntry | None:
         """
@@ -110,6 +113,7 @@ class FifoCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.on_drop: Callable[[str, CacheEntry], None] | None = None
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
 
     def lookup(self, path: str, version: str) -> CacheEntry | None:
@@ -167,6 +171,8 @@ class FifoCache:
         self.size -= len(entry.data)
         self.used -= len(entry.data) + self.entry_overhead
         self.evictions += 1
+        if self.on_drop is not None:
+            self.on_drop(path, entry)
 
     def __iter__(self) -> Iterator[tuple[str, CacheEntry]]:
         return iter(list(self._entries.items()))

@@ -71,6 +71,7 @@ class DaemonConfig:
     allow_text: str | None = field(default=None, metadata=_option("--allow"))
     access_log: bool = field(default=True, metadata=_option("--no-access-log"))
     http: bool = field(default=True, metadata=_option("--no-http"))
+    freshness: str = field(default="watch", metadata=_option("--freshness"))
     ports: tuple[str, ...] = ("tcp:5000:backlog=1024",)
     port_texts: tuple[str, ...] = ("tcp:5000",)
     workers: int = 1

@@ -235,19 +235,6 @@ class SharedFolder:
             return False
         return now == opened.stat == named
 
-    def still_holds(self, source: str, state: tuple[int, int, int, int] | None) -> bool:
-        """
-        Whether the path C{source} (as L{OpenedFile.source}) names a regular
-        file in the state C{state} (L{FileStat.state}) now: one C{stat}, no
-        open.  A file that was confined when it was opened and has the same
-        inode, size and times is the same file.
-        """
-        try:
-            st = os.stat(source)
-        except OSError:
-            return False
-        return stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == state
-
     def read_whole(self, opened: OpenedFile) -> bytes:
         """
         The whole content of a small file, checked against its state: a

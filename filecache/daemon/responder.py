@@ -30,6 +30,7 @@ from filecache.daemon.folder import (
     Unreadable,
     version_token,
 )
+from filecache.daemon.freshness import Freshness, StatFreshness
 from filecache.daemon.hashing import Hashes
 from filecache.daemon.listing import ListBody
 from filecache.daemon.pages import FolderPage
@@ -97,6 +98,7 @@ class Responder:
         reactor: IReactorTime | None = None,
         settle: float = SETTLE,
         worker: int = 0,
+        freshness: Freshness | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -104,6 +106,8 @@ class Responder:
             reactor = cast(IReactorTime, global_reactor)
         self.folder = folder
         self.cache = cache
+        self.freshness: Freshness = freshness if freshness is not None else StatFreshness()
+        cache.on_drop = self.freshness.forget
         self.counters = Counters()
         self.digests = DigestStore()
         self._run_blocking = run_blocking
@@ -242,7 +246,7 @@ class Responder:
         entry = self.cache.peek(path)
         if entry is None or not entry.source:
             return None
-        if not self.folder.still_holds(entry.source, entry.state):
+        if not self.freshness.holds(entry):
             return None
         if self.cache.lookup(path, entry.version) is None:  # counts the hit
             return None  # pragma: no cover - the entry was just seen
@@ -426,6 +430,7 @@ class Responder:
             ("hits", cache.hits),
             ("misses", cache.misses),
             ("evictions", cache.evictions),
+            *self.freshness.figures(),
             *more,
             ("bytes_sent", c.bytes_sent),
             ("requests", c.requests),

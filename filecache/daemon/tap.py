@@ -22,6 +22,8 @@ from filecache.daemon.cache import FifoCache
 from filecache.daemon.config import DaemonConfig, endpoint_description, parse_size
 from filecache.daemon.diskwork import DiskWork
 from filecache.daemon.folder import SharedFolder
+from filecache.daemon.freshness import MODES as FRESHNESS_MODES
+from filecache.daemon.freshness import choose_freshness
 from filecache.daemon.native import FileCacheFactory
 from filecache.daemon.responder import Responder
 from filecache.daemon.startup import ConfigError, StartupEndpoint, check_endpoint
@@ -80,6 +82,17 @@ class Options(usage.Options):
                 "Processes serving the port: N, or auto for one per core. Each has "
                 "its own cache of --cache-size and its own --max-connections and "
                 "--max-per-ip; STATS answers for the process that took the connection."
+            ),
+        ],
+        [
+            "freshness",
+            None,
+            "watch",
+            (
+                "How a cache hit is known to be current: watch (inotify tells of "
+                "changes; a stat where it cannot see them: network and FUSE file "
+                "systems, symlinked paths, hard links) or stat (one stat per hit). "
+                "See docs/operations.md."
             ),
         ],
         [
@@ -177,6 +190,9 @@ class Options(usage.Options):
                 "--workers with an ssl: port is not supported: run one worker, "
                 "or end TLS in front (HAProxy) and serve tcp: behind it"
             )
+        freshness = str(self["freshness"]).strip().lower()
+        if freshness not in FRESHNESS_MODES:
+            raise ConfigError(f"--freshness must be one of {', '.join(FRESHNESS_MODES)}, not {freshness!r}")
         inherit_fds = []
         for text in self["inherit-fd"]:
             try:
@@ -194,6 +210,7 @@ class Options(usage.Options):
             allow_text=self["allow"],
             access_log=not self["no-access-log"],
             http=not self["no-http"],
+            freshness=freshness,
             ports=ports,
             port_texts=port_texts,
             workers=workers,
@@ -274,14 +291,16 @@ class DrainService(Service):
 class _Announcer(Service):
     _log = Logger()
 
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, freshness: str) -> None:
         self._config = config
+        self._freshness = freshness
 
     def startService(self) -> None:
         super().startService()
         c = self._config
         if c.inherit_fds:
             return
+        self._log.info("freshness: {how}", how=self._freshness)
         self._log.info(
             "filecache serving {dir} on {port}{http}, cache {cache_size} bytes, {workers} worker(s)",
             dir=os.path.realpath(c.dir),
@@ -304,12 +323,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     disk = DiskWork(reactor)
     DiskWorkService(disk).setServiceParent(top)
+    folder = SharedFolder(config.dir)
+    freshness, why = choose_freshness(config.freshness, folder.root)
     responder = Responder(
-        SharedFolder(config.dir),
+        folder,
         FifoCache(config.cache_size),
         run_blocking=disk,
         reactor=reactor,
         worker=config.worker_index,
+        freshness=freshness,
     )
     factory = FileCacheFactory(
         responder,
@@ -347,5 +369,5 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     for listener in listeners:
         listener.setServiceParent(top)
     DrainService(factory, config.drain_timeout, reactor, disk).setServiceParent(top)
-    _Announcer(config).setServiceParent(top)
+    _Announcer(config, why).setServiceParent(top)
     return top
