@@ -450,3 +450,83 @@ def test_the_access_log_says_what_went_out(root: Path) -> None:
     ]
     assert rows[3][:2] == ("HTTP/1.1 GET /big.bin", "200-cut")
     assert 0 < rows[3][2] == sent < len(BIG)
+
+
+class CountingHeads:
+    """The factory's memo of parsed header fields, counting how often it is asked."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.asked = 0
+
+    def get(self, version: tuple[int, int], fields: bytes) -> Any:
+        self.asked += 1
+        return self.real.get(version, fields)
+
+    def keep(self, fields: bytes, head: Any) -> None:
+        self.real.keep(fields, head)
+
+
+def test_a_plain_get_seen_before_is_answered_without_reading_its_head(root: Path) -> None:
+    """
+    A read that is exactly a plain GET head answered before gets the same
+    response (but for Date) with no parsing at all, on any connection; a
+    changed file is still seen, and a head that asks more is never kept.
+    """
+    factory = make(root)
+    heads = CountingHeads(factory.http_heads)
+    factory.http_heads = heads  # type: ignore[assignment]
+    block = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n\r\n"
+    proto, t = connect(factory)
+    first = send(proto, t, block)
+    asked = heads.asked
+    again = [send(proto, t, block) for _ in range(3)]
+    other, t2 = connect(factory)
+    again.append(send(other, t2, block))
+    assert heads.asked == asked, "a known plain GET was parsed again"
+    (expected,) = parse(first)
+    for out in again:
+        (r,) = parse(out)
+        assert (r.status, r.headers, r.body) == (expected.status, expected.headers, expected.body)
+    assert expected.body == SMALL and expected.headers["repr-digest"] == digest_header(SMALL)
+
+    (root / "hello.txt").write_bytes(b"changed!")
+    (r,) = parse(send(proto, t, block))
+    assert r.body == b"changed!" and r.headers["etag"] != expected.headers["etag"]
+
+    for other_head in (
+        b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n\r\n",
+        b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"x\"\r\n\r\n",
+        b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /hello.txt HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"HEAD /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        proto, t = connect(factory)
+        send(proto, t, other_head)
+        assert factory.http_plain.get(other_head) is None, other_head
+
+
+def test_a_known_plain_get_while_draining_says_connection_close(root: Path) -> None:
+    """The shortcut steps aside on SIGTERM: the answer closes the connection."""
+    factory = make(root)
+    block = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+    proto, t = connect(factory)
+    send(proto, t, block)
+    send(proto, t, block)
+    factory.drain(30)
+    proto, t = connect(factory)
+    (r,) = parse(send(proto, t, block))
+    assert r.body == SMALL and r.headers["connection"] == "close" and t.disconnecting
+
+
+def test_a_known_head_split_over_two_reads_or_pipelined_is_still_answered(root: Path) -> None:
+    """Only a read that is exactly one head takes the shortcut; the others are read as ever."""
+    factory = make(root)
+    block = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+    proto, t = connect(factory)
+    send(proto, t, block)
+    proto.dataReceived(block[:10])
+    (r,) = parse(send(proto, t, block[10:]))
+    assert r.body == SMALL
+    responses = parse(send(proto, t, block * 3), count=3)
+    assert [r.body for r in responses] == [SMALL] * 3

@@ -73,3 +73,33 @@ class ParsedHeads:
         if len(kept) >= self._entries:
             del kept[next(iter(kept))]
         kept[(head.version, fields)] = head
+
+
+PLAIN_GETS = 4096
+"""Request heads remembered as plain GETs, at most."""
+
+
+class PlainGets:
+    """
+    Whole request heads known to be plain keep-alive HTTP/1.1 GETs (no
+    range, no condition), by their exact bytes, with their request-target.
+    What a head asks is a pure function of its bytes, and a client fetching
+    small files sends the same head for the same file again and again: a
+    read that is exactly such a head needs no parsing at all.  At most
+    L{PLAIN_GETS}, of at most L{HEAD_MEMO_SIZE} bytes; the oldest go first.
+    """
+
+    def __init__(self, entries: int = PLAIN_GETS) -> None:
+        self._entries = entries
+        self._kept: dict[bytes, bytes] = {}
+
+    def get(self, block: bytes) -> bytes | None:
+        return self._kept.get(block)
+
+    def keep(self, block: bytes, target: bytes) -> None:
+        kept = self._kept
+        if block in kept:
+            return
+        if len(kept) >= self._entries:
+            del kept[next(iter(kept))]
+        kept[block] = target

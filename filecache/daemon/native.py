@@ -20,8 +20,8 @@ from filecache.daemon.admission import Admission, Network
 from filecache.daemon.bodies import Sent
 from filecache.daemon.connection import Connection
 from filecache.daemon.http import HttpSession
-from filecache.daemon.httphead import is_request_line, starts_like_http
-from filecache.daemon.httpkept import ParsedHeads, ReadyResponses
+from filecache.daemon.httphead import MAX_HEADER_LINE, is_request_line, starts_like_http
+from filecache.daemon.httpkept import ParsedHeads, PlainGets, ReadyResponses
 from filecache.daemon.httpreply import DateCache
 from filecache.daemon.listing import ListBody, ListResult
 from filecache.daemon.responder import (
@@ -39,6 +39,17 @@ class FileCacheProtocol(Connection):
     or, from a first line that is HTTP, handing its lines to an
     L{HttpSession} (docs/http.md).
     """
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._lines == 0 and self._http is None and not self._buffer and self.factory.http:
+            end = data.find(b"\n")
+            if 0 < end <= MAX_HEADER_LINE + 1 and is_request_line(data[:end]):
+                # The first line decides, as lineReceived would, and the
+                # session reads this whole read itself: a head that came
+                # whole is read at once, as on every later request.
+                self._lines = 1
+                self._http = HttpSession(self)
+        super().dataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._http is None and self._lines == 0 and self.factory.http and starts_like_http(line):
@@ -214,6 +225,7 @@ class FileCacheFactory(_ProtocolFactory):
         self.dates = DateCache(clock.seconds)
         self.http_ready = ReadyResponses()
         self.http_heads = ParsedHeads()
+        self.http_plain = PlainGets()
         if admission is None:
             admission = Admission(
                 clock, max_connections=max_connections, max_per_ip=max_per_ip, allow=allow, http=http
