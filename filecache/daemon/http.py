@@ -199,7 +199,7 @@ class HttpSession:
         if ready is None or conn.paused or self._reader.started or factory.draining or factory.access_log:
             return False
         transport = conn.transport
-        if transport is None or transport.disconnecting:
+        if transport is None or getattr(transport, "disconnecting", False):
             return False
         entry, path, head, body = ready
         responder = self._responder
