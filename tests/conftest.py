@@ -524,9 +524,11 @@ def make_empty_files(folder: Path, names: Iterable[str]) -> None:
         os.close(fd)
 
 
-def stats(port: int, host: str = "127.0.0.1") -> dict[str, int]:
-    """A daemon's integer STATS, over a connection of its own."""
+def stats(port: int, host: str = "127.0.0.1", *, proxied: bool = False) -> dict[str, int]:
+    """A daemon's integer STATS, over a connection of its own (to a PROXY protocol port: C{proxied})."""
     client = RawClient(port, host=host)
+    if proxied:
+        client.send(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 5000\r\n")
     try:
         _, rows = client.rows(b"STATS")
     finally:

@@ -22,9 +22,10 @@ from conftest import Daemon, DaemonFactory, free_port, run_client, stats, tool, 
 
 MiB = 1024 * 1024
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
-# What deploy/haproxy.cfg tells operators to run the daemons with: every
-# connection comes from HAProxy's one address.
-DAEMON_ARGS = ("--max-per-ip", "1024")
+# What deploy/haproxy.cfg tells operators to run the daemons with: a PROXY
+# protocol port, since HAProxy sends each client's address (send-proxy-v2).
+DAEMON_ARGS: tuple[str, ...] = ()
+DAEMON_PORT = "haproxy:tcp:0:interface=127.0.0.1"
 
 
 
@@ -255,7 +256,7 @@ def test_download_fails_over_to_the_other_daemon_and_resumes(
     """
     size = 200 * MiB
     digest = write_random(shared / "big.bin", size)
-    daemons = [daemon_factory(shared, *DAEMON_ARGS), daemon_factory(shared, *DAEMON_ARGS)]
+    daemons = [daemon_factory(shared, *DAEMON_ARGS, port=DAEMON_PORT), daemon_factory(shared, *DAEMON_ARGS, port=DAEMON_PORT)]
     proxy = haproxy_factory(daemons)
     out = tmp_path / "out"
     part = out / ".big.bin.filecache-part"
@@ -297,7 +298,7 @@ def test_download_fails_over_to_the_other_daemon_and_resumes(
         assert len(serving) == 1 and sessions[serving[0]] == 1, f"sessions per server: {sessions}"
         victim = daemons[proxy.servers.index(serving[0])]
         survivor = daemons[1 - daemons.index(victim)]
-        assert stats(victim.port)["connections_active"] >= 2
+        assert stats(victim.port, proxied=True)["connections_active"] >= 2
         victim.stop(signal.SIGKILL)
         client.send_signal(signal.SIGCONT)
         _, stderr = client.communicate(timeout=60)
@@ -318,7 +319,7 @@ def test_download_fails_over_to_the_other_daemon_and_resumes(
     assert len(resumed) == 1, log
     offset = int(resumed[0])
     assert offset >= 20 * MiB
-    assert stats(survivor.port)["bytes_sent"] == size - offset
+    assert stats(survivor.port, proxied=True)["bytes_sent"] == size - offset
     assert " GET big.bin OK " not in log, "the survivor sent the whole file again"
 
 
@@ -337,7 +338,7 @@ def test_health_check_marks_a_dead_daemon_down(
     files = {f"f{i}.bin": os.urandom(256 * 1024 + i) for i in range(3)}
     for name, content in files.items():
         (shared / name).write_bytes(content)
-    daemons = [daemon_factory(shared, *DAEMON_ARGS), daemon_factory(shared, *DAEMON_ARGS)]
+    daemons = [daemon_factory(shared, *DAEMON_ARGS, port=DAEMON_PORT), daemon_factory(shared, *DAEMON_ARGS, port=DAEMON_PORT)]
     proxy = haproxy_factory(daemons)
     assert proxy.states() == {name: ("UP", "L7OK") for name in proxy.servers}
     for daemon in daemons:
@@ -389,3 +390,98 @@ def test_health_check_marks_a_dead_daemon_down(
         assert (dest / name).read_bytes() == content
     log = daemons[1].log_text()
     assert all(f" GET {name} OK " in log for name in files), log
+
+
+def _proxy_only_config(listen: int, daemon_port: int) -> str:
+    """A TCP-mode HAProxy that tells one daemon each client's address with the PROXY protocol v2."""
+    return f"""
+global
+    maxconn 256
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend clients
+    bind 127.0.0.1:{listen}
+    default_backend daemons
+backend daemons
+    server one 127.0.0.1:{daemon_port} send-proxy-v2
+"""
+
+
+def _connect_from(source: str, port: int) -> socket.socket:
+    s = socket.socket()
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _ask(s: socket.socket, request: bytes) -> bytes:
+    """Send C{request} and read until the peer's reply is complete or it hangs up."""
+    s.sendall(request)
+    data = b""
+    while not (data.startswith(b"OK ") and data.count(b"\r\n") >= 2 and data.endswith(b"\r\n")):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_real_haproxy_send_proxy_v2_gives_the_daemon_each_clients_address(
+    tmp_path: Path, daemon_factory: DaemonFactory
+) -> None:
+    """
+    Through the real haproxy with send-proxy-v2 to a haproxy: port: --allow
+    refuses a client by its own address (127.0.0.2, not haproxy's
+    127.0.0.1), --max-per-ip counts per client address and frees it when
+    they close, and the access log names the clients.
+    """
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"hello")
+    daemon = daemon_factory(
+        folder, "--allow", "127.0.0.1/32,127.0.0.3/32", "--max-per-ip", "2",
+        port="haproxy:tcp:0:interface=127.0.0.1",
+    )
+    listen = free_port()
+    config = tmp_path / "proxy.cfg"
+    config.write_text(_proxy_only_config(listen, daemon.port))
+    log = tmp_path / "haproxy-proxy.log"
+    with open(log, "wb") as out:
+        haproxy = subprocess.Popen(
+            [haproxy_binary(), "-f", str(config), "-db"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", listen), 0.2).close()
+            except OSError:
+                return False
+            return True
+
+        wait_for(listening, 10, "haproxy to listen")
+        get = b"GET a.txt 0\r\n"
+        with _connect_from("127.0.0.2", listen) as refused:
+            assert _ask(refused, get) == b"", "127.0.0.2 is outside --allow"
+        for _round in range(2):
+            first, second = _connect_from("127.0.0.3", listen), _connect_from("127.0.0.3", listen)
+            assert _ask(first, get).startswith(b"OK 5 ") and _ask(second, get).startswith(b"OK 5 ")
+            with _connect_from("127.0.0.3", listen) as third:
+                assert _ask(third, get).startswith(b"ERR busy "), "the third from 127.0.0.3"
+            with _connect_from("127.0.0.1", listen) as other:
+                assert _ask(other, get).startswith(b"OK 5 "), "another client is not held back"
+            first.close()
+            second.close()
+            # Their slots are free once the daemon has seen them close (the
+            # STATS connection, through haproxy too, is the one left).
+            wait_for(lambda: stats(listen)["connections_active"] == 1, 10, "the daemon to see them close")
+        text = daemon.log.read_text(errors="replace")
+        assert "refused connection from 127.0.0.2: not in --allow" in text
+        assert re.search(r"127\.0\.0\.3:\d+ GET a\.txt 0 OK 5 ", text), text
+        assert re.search(r"127\.0\.0\.1:\d+ GET a\.txt 0 OK 5 ", text)
+    finally:
+        haproxy.send_signal(signal.SIGTERM)
+        haproxy.wait(10)

@@ -214,13 +214,16 @@ def test_workers_get_every_option_from_the_config(tmp_path: Path) -> None:
         "--dir", str(tmp_path), "--cache-size", "3M", "--idle-timeout", "7.5",
         "--drain-timeout", "4", "--max-connections", "9", "--max-per-ip", "3",
         "--allow", "10.0.0.0/8,::ffff:127.0.0.1", "--no-access-log", "--workers", "3",
-        "--port", "tcp:0:interface=127.0.0.1",
+        "--port", "tcp:0:interface=127.0.0.1", "--trusted-proxy", "10.1.2.3",
+        "--freshness", "stat",
     ])
     parent = options.config
     worker = Options()
-    worker.parseOptions([*parent.to_argv(), "--inherit-fd", "5:2", "--worker-index", "2"])
+    worker.parseOptions([*parent.to_argv(), "--inherit-fd", "5:2", "--inherit-fd", "6:10:proxy",
+                         "--worker-index", "2"])
     assert worker.config == replace(
         parent, ports=worker.config.ports, port_texts=worker.config.port_texts, workers=1,
-        inherit_fds=((5, 2),), worker_index=2,
+        inherit_fds=((5, 2, False), (6, 10, True)), worker_index=2,
     )
+    assert worker.config.trusted_proxies is not None and worker.config.freshness == "stat"
     assert worker.config.cache_size == 3 << 20 and worker.config.access_log is False

@@ -116,19 +116,7 @@ class Refusal(Protocol):
             return
         self._answered = True
         self._stop_waiting()
-        if http:
-            assert self._waiting is not None
-            self.transport.write(
-                error_response(
-                    503,
-                    self._message,
-                    date=self._waiting.dates.now(),
-                    close=True,
-                    extra=[("Retry-After", "1")],
-                )
-            )
-        else:
-            self.transport.write(wire.format_error(wire.BUSY, self._message))
+        self.transport.write(refusal_reply(self._message, self._waiting.dates if http and self._waiting else None))
         self.transport.loseConnection()
 
     def _stop_waiting(self) -> None:
@@ -144,6 +132,13 @@ class Refusal(Protocol):
         self._stop_waiting()
 
 
+def refusal_reply(message: str, dates: DateCache | None) -> bytes:
+    """The answer past a limit: C{503} with C{Retry-After} given C{dates} (to an HTTP client), else C{ERR busy}."""
+    if dates is not None:
+        return error_response(503, message, date=dates.now(), close=True, extra=[("Retry-After", "1")])
+    return wire.format_error(wire.BUSY, message)
+
+
 class _Waiting:
     """The refused connections waiting for their first line, and the clock they wait on."""
 
@@ -153,8 +148,31 @@ class _Waiting:
         self.count = 0
 
 
-def _host_of(connection: Connection) -> str:
-    return getattr(connection.transport.getPeer(), "host", None) or "local"
+def host_of(address: IAddress) -> str:
+    """The key a connection from C{address} is counted under: its host, or C{local}."""
+    return getattr(address, "host", None) or "local"
+
+
+def _in_networks(host: str, networks: Sequence[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+NOT_ALLOWED = "not allowed"
+"""L{Admission.refusal} of an address outside the allow-list: closed with no reply."""
+
+
+class _Closer(Protocol):
+    """A connection from a proxy that may not send a PROXY header: closed at once, unread."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
 
 
 class Admission:
@@ -175,68 +193,101 @@ class Admission:
         max_per_ip: int = 64,
         allow: Sequence[Network] | None = None,
         http: bool = False,
+        trusted_proxies: Sequence[Network] | None = None,
     ) -> None:
         self._clock = clock
         self._waiting = _Waiting(clock) if http else None
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.allow = list(allow) if allow is not None else None
+        self.trusted_proxies = list(trusted_proxies) if trusted_proxies is not None else None
         self.connections_active = 0
         self.connections_total = 0
         self.draining = False
         self._per_host: Counter[str] = Counter()
-        self._refused_hosts: set[str] = set()
-        self._live: set[Connection] = set()
+        self._noted: set[tuple[str, str]] = set()
+        # Each connection let in, with the address it is counted under:
+        # taken once, so it is uncounted under the same one.
+        self._live: dict[Connection, str] = {}
         self._drained: Deferred[None] | None = None
 
     def allowed(self, host: str) -> bool:
         """Whether C{host} (an address as text) is in the allow-list."""
-        if self.allow is None:
-            return True
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow)
+        return self.allow is None or _in_networks(host, self.allow)
 
-    def build(self, addr: IAddress | None, make: Callable[[], Protocol | None]) -> Protocol | None:
+    def refusal(self, host: str | None) -> str | None:
+        """
+        Why a connection from C{host} may not come in now: L{NOT_ALLOWED}
+        (outside the allow-list: logged once per address), the message of a
+        limit, or C{None}: it may.
+        """
+        if host is not None and not self.allowed(host):
+            self._note_once(host, "refused connection from {host}: not in --allow")
+            return NOT_ALLOWED
+        if self.connections_active >= self.max_connections:
+            return "too many connections; try again later"
+        if self._per_host[host or "local"] >= self.max_per_ip:
+            return "too many connections from your address; try again later"
+        return None
+
+    def _note_once(self, host: str, message: str) -> None:
+        key = (message, host)
+        if key not in self._noted:
+            # Once per address, so a flood cannot flood the log too.
+            if len(self._noted) < self._REMEMBERED_REFUSALS:
+                self._noted.add(key)
+            self._log.warn(message, host=host)
+
+    def build(
+        self, addr: IAddress | None, make: Callable[[], Protocol | None], *, proxied: bool = False
+    ) -> Protocol | None:
         """
         C{make()} for a connection from C{addr} that may come in; a
         L{Refusal} past a limit; C{None} (closed with no reply) outside the
-        allow-list.
+        allow-list.  With C{proxied} (a PROXY protocol port), C{addr} is the
+        proxy's: only L{trusted_proxies} is checked now, and the connection
+        itself asks L{refusal} once the header has said who the client is.
         """
         host = getattr(addr, "host", None)
-        if host is not None and not self.allowed(host):
-            if host not in self._refused_hosts:
-                # Once per address, so a flood cannot flood the log too.
-                if len(self._refused_hosts) < self._REMEMBERED_REFUSALS:
-                    self._refused_hosts.add(host)
-                self._log.warn("refused connection from {host}: not in --allow", host=host)
+        if proxied:
+            if host is not None and not self.trusted(host):
+                self._note_once(host, "refused connection from {host}: not a --trusted-proxy")
+                return _Closer()
+            return make()
+        why = self.refusal(host)
+        if why is NOT_ALLOWED:
             return None
-        if self.connections_active >= self.max_connections:
-            return Refusal("too many connections; try again later", self._waiting)
-        if self._per_host[host or "local"] >= self.max_per_ip:
-            return Refusal("too many connections from your address; try again later", self._waiting)
+        if why is not None:
+            return Refusal(why, self._waiting)
         return make()
 
-    def opened(self, connection: Connection) -> None:
-        self._live.add(connection)
+    def trusted(self, host: str) -> bool:
+        """Whether C{host} may send a PROXY header (L{trusted_proxies}; everyone when unset)."""
+        return self.trusted_proxies is None or _in_networks(host, self.trusted_proxies)
+
+    def bad_proxy_header(self, host: str) -> None:
+        """A connection to a PROXY port from C{host} ended before a valid header (logged once per address)."""
+        self._note_once(host, "closed connection from {host}: no valid PROXY protocol header")
+
+    def opened(self, connection: Connection, host: str) -> None:
+        """C{connection} came in from C{host}: counted under that address until L{closed}."""
+        self._live[connection] = host
         self.connections_active += 1
         self.connections_total += 1
-        self._per_host[_host_of(connection)] += 1
+        self._per_host[host] += 1
 
     def closed(self, connection: Connection) -> None:
-        self._live.discard(connection)
+        """C{connection} ended: uncounted under the address it was counted under, if it was."""
+        host = self._live.pop(connection, None)
+        if host is None:
+            return  # never let in (a PROXY connection that sent no header)
         if self._drained is not None and not self._live:
             drained, self._drained = self._drained, None
             drained.callback(None)
         self.connections_active -= 1
-        key = _host_of(connection)
-        self._per_host[key] -= 1
-        if self._per_host[key] <= 0:
-            del self._per_host[key]
+        self._per_host[host] -= 1
+        if self._per_host[host] <= 0:
+            del self._per_host[host]
 
     def figures(self) -> list[tuple[str, int]]:
         """The STATS rows that belong to connections."""

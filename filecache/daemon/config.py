@@ -52,7 +52,9 @@ def _option(name: str) -> Any:
 
 # Fields a worker never gets from its parent's argv: the listener is the
 # parent's, and the worker's own number and socket are added by the pool.
-_NOT_FOR_WORKERS = frozenset({"ports", "port_texts", "workers", "inherit_fds", "worker_index", "allow"})
+_NOT_FOR_WORKERS = frozenset(
+    {"ports", "port_texts", "workers", "inherit_fds", "worker_index", "allow", "trusted_proxies"}
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class DaemonConfig:
     max_connections: int = field(default=1024, metadata=_option("--max-connections"))
     max_per_ip: int = field(default=64, metadata=_option("--max-per-ip"))
     allow_text: str | None = field(default=None, metadata=_option("--allow"))
+    trusted_proxy_text: str | None = field(default=None, metadata=_option("--trusted-proxy"))
     access_log: bool = field(default=True, metadata=_option("--no-access-log"))
     http: bool = field(default=True, metadata=_option("--no-http"))
     freshness: str = field(default="watch", metadata=_option("--freshness"))
@@ -76,8 +79,15 @@ class DaemonConfig:
     port_texts: tuple[str, ...] = ("tcp:5000",)
     workers: int = 1
     allow: tuple[Network, ...] | None = None
-    inherit_fds: tuple[tuple[int, int], ...] = ()
+    trusted_proxies: tuple[Network, ...] | None = None
+    # Inherited listening sockets: descriptor, address family, PROXY protocol or not.
+    inherit_fds: tuple[tuple[int, int, bool], ...] = ()
     worker_index: int = 0
+
+    @property
+    def proxied(self) -> tuple[bool, ...]:
+        """For each listener, whether it reads a PROXY protocol header first (C{haproxy:...})."""
+        return tuple(port.split(":", 1)[0].lower() == "haproxy" for port in self.ports)
 
     @property
     def port(self) -> str:

@@ -23,14 +23,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from filecache import wire
+from filecache.daemon.admission import NOT_ALLOWED, host_of, refusal_reply
 from filecache.daemon.bodies import DiskBody, MemoryBody, Sent
-from filecache.daemon.httphead import MAX_HEADER_LINE, starts_like_http
+from filecache.daemon.httphead import MAX_HEADER_LINE, is_request_line, starts_like_http
 from filecache.daemon.listing import ListResult, SteppedBody
 from filecache.daemon.sockets import (
     describe_peer,
     direct_socket,
     plain_socket,
     unsent_bytes,
+    unwrapped,
     write_now,
 )
 
@@ -87,6 +89,8 @@ class Connection(LineReceiver, TimeoutMixin):
     MAX_LENGTH = wire.MAX_LINE + 1
 
     factory: FileCacheFactory
+    behind_proxy = False
+    """On a PROXY protocol port, until the first bytes after the header: not yet admitted."""
     # Set by makeConnection, before any of our methods that use it run.
     transport: _IConnection
     _log = Logger()
@@ -104,6 +108,7 @@ class Connection(LineReceiver, TimeoutMixin):
         self._pending: Deferred[Any] | None = None
         self._gate = _SendBufferGate(self)
         self._http: HttpSession | None = None
+        self._writer: Any = None
         self.peer = "-"
 
     # Reading, paused while a reply is under way or the send buffer is full.
@@ -137,9 +142,12 @@ class Connection(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         factory = self.factory
         self._socket = direct_socket(self.transport)
+        # What write_now writes to: beneath a PROXY wrapper when the socket is ours to write.
+        self._writer = unwrapped(self.transport) if self._socket is not None else self.transport
         self._queue_socket = plain_socket(self.transport)
         self.peer = describe_peer(self.transport.getPeer())
-        factory.admission.opened(self)
+        if not self.behind_proxy:
+            factory.admission.opened(self, host_of(self.transport.getPeer()))
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             # A status line, a body sent by the kernel and an END line are
@@ -162,7 +170,38 @@ class Connection(LineReceiver, TimeoutMixin):
         if pending is not None:
             # Disk work for a client who has gone is dropped before it runs.
             pending.cancel()
-        self.factory.admission.closed(self)
+        admission = self.factory.admission
+        if self.behind_proxy:
+            under = unwrapped(self.transport).getPeer()
+            if self.transport.getPeer() == under:
+                # No header read (an invalid one, or none before the end):
+                # the wrapper closed it, or the proxy hung up.
+                admission.bad_proxy_header(host_of(under))
+        admission.closed(self)
+
+    def admit_behind_proxy(self, data: bytes) -> bool:
+        """
+        On a PROXY protocol port, at the first bytes after the header:
+        admit the connection by the client's address the header gave, or
+        refuse it as a direct one would be (and say C{False}).
+        """
+        self.behind_proxy = False
+        peer = self.transport.getPeer()
+        self.peer = describe_peer(peer)
+        host = host_of(peer)
+        admission = self.factory.admission
+        why = admission.refusal(host)
+        if why is None:
+            admission.opened(self, host)
+            return True
+        if why is NOT_ALLOWED:
+            self.transport.abortConnection()
+            return False
+        end = data.find(b"\n")
+        http = self.factory.http and (is_request_line(data[:end]) if end >= 0 else starts_like_http(data))
+        self.transport.write(refusal_reply(why, self.factory.dates if http else None))
+        self.transport.loseConnection()
+        return False
 
     def dataReceived(self, data: bytes) -> None:
         # Bytes that only lengthen an unfinished request do not postpone the
@@ -234,7 +273,7 @@ class Connection(LineReceiver, TimeoutMixin):
         self._backpressure = False
         # Straight to the socket when nothing is queued, so that a body sent
         # from the socket too may follow at once.
-        write_now(transport, head, self._socket)
+        write_now(self._writer, head, self._socket)
         self._progressed()
         return transport
 
@@ -262,7 +301,7 @@ class Connection(LineReceiver, TimeoutMixin):
 
     def write_whole(self, data: bytes) -> None:
         """Write a whole reply at once (straight to the socket when nothing is queued)."""
-        write_now(self.transport, data, self._socket)
+        write_now(self._writer, data, self._socket)
 
     def wait(self, pending: Deferred[Any], then: Callable[[Any], None], failed: Callable[[Failure], None]) -> None:
         """Hold reading until C{pending} (disk work) fires; cancelled if the client leaves."""

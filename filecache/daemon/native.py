@@ -29,7 +29,6 @@ from filecache.daemon.responder import (
     Responder,
     error_reply,
 )
-from filecache.daemon.sockets import write_now
 from filecache.daemon.transfer import TransferFailed
 
 
@@ -41,6 +40,8 @@ class FileCacheProtocol(Connection):
     """
 
     def dataReceived(self, data: bytes) -> None:
+        if self.behind_proxy and not self.admit_behind_proxy(data):
+            return
         if self._lines == 0 and self._http is None and not self._buffer and self.factory.http:
             end = data.find(b"\n")
             if 0 < end <= MAX_HEADER_LINE + 1 and is_request_line(data[:end]):
@@ -146,7 +147,7 @@ class FileCacheProtocol(Connection):
     def _finish_simple(self, line: bytes, reply: Reply, started: float) -> None:
         if self.transport is None or not self.connected:
             return
-        write_now(self.transport, reply.data, self._socket)
+        self.write_whole(reply.data)
         self.factory.responder.delivered(reply)
         self._access(line, reply, started)
         self.finish_simple()
@@ -212,6 +213,7 @@ class FileCacheFactory(_ProtocolFactory):
         allow: Sequence[Network] | None = None,
         admission: Admission | None = None,
         http: bool = True,
+        trusted_proxies: Sequence[Network] | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -228,7 +230,12 @@ class FileCacheFactory(_ProtocolFactory):
         self.http_plain = PlainGets()
         if admission is None:
             admission = Admission(
-                clock, max_connections=max_connections, max_per_ip=max_per_ip, allow=allow, http=http
+                clock,
+                max_connections=max_connections,
+                max_per_ip=max_per_ip,
+                allow=allow,
+                http=http,
+                trusted_proxies=trusted_proxies,
             )
         self.admission = admission
         responder.add_figures(admission.figures)
@@ -251,3 +258,33 @@ class FileCacheFactory(_ProtocolFactory):
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         return self.admission.build(addr, lambda: super(FileCacheFactory, self).buildProtocol(addr))
+
+    def behind_proxy(self) -> ProxyPortFactory:
+        """The factory for a PROXY protocol port (C{haproxy:...}) serving the same daemon."""
+        return ProxyPortFactory(self)
+
+
+class ProxyPortFactory(_ProtocolFactory):
+    """
+    Builds the connections of a PROXY protocol port for a
+    L{FileCacheFactory}: Twisted's wrapper calls L{buildProtocol} before the
+    header is read, with the proxy's address, so only L{Admission.trusted}
+    is asked now; each connection is admitted by its client's address once
+    the header has been read.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: FileCacheFactory) -> None:
+        self.factory = factory
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        factory = self.factory
+
+        def make() -> Protocol:
+            protocol = factory.protocol()
+            protocol.factory = factory
+            protocol.behind_proxy = True
+            return protocol
+
+        return factory.admission.build(addr, make, proxied=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IAddress, ISSLTransport
+from twisted.protocols.policies import ProtocolWrapper
 
 
 def describe_peer(address: IAddress) -> str:
@@ -60,14 +61,35 @@ _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
 _OPEN = frozenset({1, 8})
 
 
+def unwrapped(transport: Any) -> Any:
+    """
+    The transport beneath C{transport}'s pass-through wrappers: those that
+    hand every write on unchanged (the PROXY protocol's, which only reads a
+    header first), so writing beneath them sends the same bytes.  TLS and
+    any wrapper that changes what is written are kept.
+    """
+    while (
+        isinstance(transport, ProtocolWrapper)
+        and type(transport).write is ProtocolWrapper.write
+        and type(transport).writeSequence is ProtocolWrapper.writeSequence
+        and not ISSLTransport.providedBy(transport)
+        and transport.transport is not None
+    ):
+        transport = transport.transport
+    return transport
+
+
 def direct_socket(transport: object) -> socket.socket | None:
     """
     The socket under C{transport} if we may write to it directly: a plain
     TCP or UNIX stream connection, not TLS, whose Twisted buffer we can see
-    into.  Checked once per connection: if a Twisted release renames what
+    into (beneath a pass-through wrapper, L{unwrapped}: then C{transport}
+    must be the unwrapped one for L{buffer_empty} and L{write_now}).
+    Checked once per connection: if a Twisted release renames what
     L{buffer_empty} reads, this says C{None} and every byte goes through
     C{transport.write}, slower but correct.
     """
+    transport = unwrapped(transport)
     if (
         isinstance(transport, tcp.Connection)
         and not ISSLTransport.providedBy(transport)

@@ -123,7 +123,18 @@ class Options(usage.Options):
             (
                 "Serve only clients in these networks: CIDR[,CIDR...] such as "
                 "10.0.0.0/8,192.168.1.7,::1 (default: everyone). Others are closed "
-                "before a byte is read."
+                "before a byte is read. On a PROXY protocol port (haproxy:...) the "
+                "client's address is the one the header gives."
+            ),
+        ],
+        [
+            "trusted-proxy",
+            None,
+            None,
+            (
+                "On PROXY protocol ports (haproxy:...), accept connections only from "
+                "these proxies: CIDR[,CIDR...] (default: any peer may send the header, "
+                "so keep such a port where only the proxy can reach it)."
             ),
         ],
     ]
@@ -195,11 +206,21 @@ class Options(usage.Options):
             raise ConfigError(f"--freshness must be one of {', '.join(FRESHNESS_MODES)}, not {freshness!r}")
         inherit_fds = []
         for text in self["inherit-fd"]:
+            fields = text.split(":")
+            proxied = fields[2:] == ["proxy"]
             try:
-                fd, family = (int(part) for part in text.split(":"))
+                if len(fields) != 2 and not proxied:
+                    raise ValueError(text)
+                fd, family = int(fields[0]), int(fields[1])
             except ValueError:
-                raise ConfigError("--inherit-fd takes FD:FAMILY") from None
-            inherit_fds.append((fd, family))
+                raise ConfigError("--inherit-fd takes FD:FAMILY or FD:FAMILY:proxy") from None
+            inherit_fds.append((fd, family, proxied))
+        trusted = None
+        if self["trusted-proxy"] is not None:
+            try:
+                trusted = tuple(parse_allow(self["trusted-proxy"]))
+            except ValueError as e:
+                raise ConfigError(f"--trusted-proxy: {e}") from None
         self.config = DaemonConfig(
             dir=directory,
             cache_size=cache_size,
@@ -208,6 +229,8 @@ class Options(usage.Options):
             max_connections=limits["max-connections"],
             max_per_ip=limits["max-per-ip"],
             allow_text=self["allow"],
+            trusted_proxy_text=self["trusted-proxy"],
+            trusted_proxies=trusted,
             access_log=not self["no-access-log"],
             http=not self["no-http"],
             freshness=freshness,
@@ -342,7 +365,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_per_ip=config.max_per_ip,
         allow=config.allow,
         http=config.http,
+        trusted_proxies=config.trusted_proxies,
     )
+    # A PROXY protocol port's connections are admitted by the header's address.
+    factories = [factory.behind_proxy() if proxied else factory for proxied in config.proxied]
     # Not strports.service: it makes its endpoint from the string itself, so
     # StartupEndpoint (one line and status 1 when the listen fails) cannot
     # wrap it, and the workers' pool needs the endpoints anyway.
@@ -352,20 +378,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     ]
     listeners: list[Service]
     if config.inherit_fds:
-        listeners = [AdoptedPortService(reactor, fd, family, factory) for fd, family in config.inherit_fds]
+        listeners = [
+            AdoptedPortService(reactor, fd, family, factory.behind_proxy() if proxied else factory, proxied=proxied)
+            for fd, family, proxied in config.inherit_fds
+        ]
     elif config.workers > 1:
         listeners = [
             WorkerPool(
                 reactor,
                 endpoints,
-                factory,
+                factories,
                 config.workers - 1,
                 config.to_argv(),
                 stop_timeout=config.drain_timeout + 5,
+                proxied=config.proxied,
             )
         ]
     else:
-        listeners = [StreamServerEndpointService(endpoint, factory) for endpoint in endpoints]
+        listeners = [StreamServerEndpointService(endpoint, f) for endpoint, f in zip(endpoints, factories)]
     for listener in listeners:
         listener.setServiceParent(top)
     DrainService(factory, config.drain_timeout, reactor, disk).setServiceParent(top)

@@ -22,7 +22,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from filecache.daemon.sockets import buffer_empty, direct_socket
+from filecache.daemon.sockets import buffer_empty, direct_socket, unwrapped
 
 SLICE = 64 * 1024
 """Bytes handed to a transport per write when we go through Twisted's buffer."""
@@ -221,6 +221,7 @@ def send_memory(
     length = len(data) - start
     sock = direct_socket(transport)
     if sock is not None:
+        transport = unwrapped(transport)
         view = memoryview(data)
 
         def step(sent: int, count: int) -> int:
@@ -256,7 +257,7 @@ def send_file(
     """
     sock = direct_socket(transport)
     if digest_known and not collect and sock is not None and hasattr(os, "sendfile"):
-        return _sendfile(transport, sock, fd, start, length, on_progress)
+        return _sendfile(unwrapped(transport), sock, fd, start, length, on_progress)
     return _read_and_send(transport, fd, start, length, collect, on_progress)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -25,6 +26,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -93,19 +95,32 @@ class AdoptedPortService(Service):
     as long as the parent lives.
     """
 
-    def __init__(self, reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> None:
+    def __init__(
+        self, reactor: Any, fd: int, family: int, factory: IProtocolFactory, *, proxied: bool = False
+    ) -> None:
         self._reactor = reactor
         self._fd = fd
         self._family = family
         self._factory = factory
+        self._proxied = proxied
         self._port: Any = None
 
     def startService(self) -> None:
         super().startService()
-        self._port = self._reactor.adoptStreamPort(self._fd, self._family, self._factory)
-        # adoptStreamPort works on a duplicate; ours is no longer needed.
-        os.close(self._fd)
+        if self._proxied:
+            # A PROXY protocol port: the parent's haproxy: endpoint wrapped
+            # its listener; the worker wraps the one it adopts the same way.
+            # (The endpoint adopts a duplicate and closes ours; it fires at once.)
+            endpoint = proxyEndpoint(AdoptedStreamServerEndpoint(self._reactor, self._fd, self._family))
+            endpoint.listen(self._factory).addCallback(self._adopted)
+        else:
+            self._port = self._reactor.adoptStreamPort(self._fd, self._family, self._factory)
+            # adoptStreamPort works on a duplicate; ours is no longer needed.
+            os.close(self._fd)
         self._reactor.addReader(_ParentWatch(self._reactor))
+
+    def _adopted(self, port: Any) -> None:
+        self._port = port
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -157,7 +172,8 @@ class WorkerPool(Service):
     its own connections.
 
     @param worker_args: the plugin's arguments for a worker, to which
-        C{--inherit-fd FD:FAMILY} is added.
+        C{--inherit-fd FD:FAMILY} is added (C{FD:FAMILY:proxy} for a
+        PROXY protocol port, as C{proxied} says of each endpoint).
     @param restart_delay: the seconds to wait before starting a dead
         worker's successor, given how many deaths of that worker number in
         a row came less than C{healthy_after} seconds after a start, not
@@ -170,16 +186,19 @@ class WorkerPool(Service):
         self,
         reactor: Any,
         endpoints: IStreamServerEndpoint | Sequence[IStreamServerEndpoint],
-        factory: IProtocolFactory,
+        factory: IProtocolFactory | Sequence[IProtocolFactory],
         count: int,
         worker_args: Sequence[str],
         stop_timeout: float,
         restart_delay: Callable[[int], float] = RESTART_DELAY,
         healthy_after: float = HEALTHY_AFTER,
+        proxied: Sequence[bool] = (),
     ) -> None:
         self._reactor = reactor
         self._endpoints = list(endpoints) if isinstance(endpoints, Sequence) else [endpoints]
-        self._factory = factory
+        # One factory for every endpoint, or one each (a PROXY port's differs).
+        self._factories = list(factory) if isinstance(factory, Sequence) else [factory] * len(self._endpoints)
+        self._proxied = list(proxied) or [False] * len(self._endpoints)
         self._count = count
         self._worker_args = list(worker_args)
         self._stop_timeout = stop_timeout
@@ -194,7 +213,7 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
-        listens = [endpoint.listen(self._factory) for endpoint in self._endpoints]
+        listens = [endpoint.listen(factory) for endpoint, factory in zip(self._endpoints, self._factories)]
         d = DeferredList(listens, fireOnOneErrback=True, consumeErrors=True)
         d.addCallbacks(self._listening_all, self._cannot_listen_any)
 
@@ -218,9 +237,9 @@ class WorkerPool(Service):
     def _spawn(self, number: int) -> None:
         inherited = []
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
-        for port in self._ports:
+        for port, proxied in zip(self._ports, self._proxied):
             fd = port.fileno()
-            inherited += ["--inherit-fd", f"{fd}:{address_family(port)}"]
+            inherited += ["--inherit-fd", f"{fd}:{address_family(port)}" + (":proxy" if proxied else "")]
             child_fds[fd] = fd
         args = [
             sys.executable,
