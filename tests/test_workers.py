@@ -129,3 +129,26 @@ def test_workers_stop_when_the_parent_is_killed(shared: Path, daemon_factory: Da
     worker = worker_pids(daemon.log_text())[0]
     daemon.stop(signal.SIGKILL)
     wait_for(lambda: not alive(worker), 15, "the orphaned worker to stop")
+
+
+def test_workers_read_the_proxy_header_on_a_proxy_port(shared: Path, daemon_factory: DaemonFactory) -> None:
+    """
+    --workers 2 on a haproxy: port: the worker wraps the socket it adopts as
+    the parent's endpoint does, so each process reads the PROXY header and
+    logs the client's address from it.
+    """
+    (shared / "a.txt").write_bytes(b"behind a proxy")
+    daemon = daemon_factory(shared, "--workers", "2", port="haproxy:tcp:0:interface=127.0.0.1")
+    wait_for(lambda: "worker 1: [-] FileCacheFactory (PROXY) starting on" in daemon.log_text(), 20, "the worker")
+    worker = worker_pids(daemon.log_text())[0]
+    for stopped, client_address in ((daemon.pid, "192.0.2.1"), (worker, "192.0.2.2")):
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            client = RawClient(daemon.port)
+            client.send(f"PROXY TCP4 {client_address} 127.0.0.1 4000 5000\r\n".encode())
+            assert client.get(b"a.txt")[1] == b"behind a proxy"
+            client.close()
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+    wait_for(lambda: "192.0.2.2:4000 GET a.txt OK" in daemon.log_text(), 10, "the parent's access line")
+    assert re.search(r"worker 1: .* 192\.0\.2\.1:4000 GET a\.txt OK", daemon.log_text())

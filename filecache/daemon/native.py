@@ -278,6 +278,10 @@ class ProxyPortFactory(_ProtocolFactory):
     def __init__(self, factory: FileCacheFactory) -> None:
         self.factory = factory
 
+    def logPrefix(self) -> str:
+        # Twisted's wrapper adds " (PROXY)": "FileCacheFactory (PROXY) starting on 5000".
+        return self.factory.logPrefix()
+
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         factory = self.factory
 
