@@ -280,7 +280,7 @@ class ProxyPortFactory(_ProtocolFactory):
 
     def logPrefix(self) -> str:
         # Twisted's wrapper adds " (PROXY)": "FileCacheFactory (PROXY) starting on 5000".
-        return self.factory.logPrefix()
+        return str(self.factory.logPrefix())
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         factory = self.factory
