@@ -530,3 +530,20 @@ def test_a_known_head_split_over_two_reads_or_pipelined_is_still_answered(root: 
     assert r.body == SMALL
     responses = parse(send(proto, t, block * 3), count=3)
     assert [r.body for r in responses] == [SMALL] * 3
+
+
+def test_the_health_path_says_ok_then_503_while_draining(root: Path) -> None:
+    """/.filecache/health: 200 ok while serving (HEAD too), 503 with Retry-After once draining."""
+    factory = make(root)
+    proto, t = connect(factory)
+    r = get(proto, t, "/.filecache/health")
+    assert (r.status, r.body, r.headers["cache-control"]) == (200, b"ok\n", "no-store")
+    r = get(proto, t, "/.filecache/health", method="HEAD")
+    assert (r.status, r.body) == (200, b"")
+    (root / ".filecache").mkdir()
+    (root / ".filecache" / "other").write_bytes(b"x")
+    assert get(proto, t, "/.filecache/other").status == 404
+    factory.drain(30)
+    proto, t = connect(factory)
+    r = get(proto, t, "/.filecache/health")
+    assert (r.status, r.headers["retry-after"], r.headers["connection"]) == (503, "1", "close")

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
     from filecache.daemon.native import FileCacheProtocol
 
 _ALLOW = [("Allow", "GET, HEAD")]
+
+HEALTH_PATH = b"/.filecache/health"
+"""Where a load balancer asks whether this daemon serves (docs/http.md): a
+dot path, so no shared file can ever have it."""
 _UNREADABLE = "file cannot be read now; try again"
 
 
@@ -255,6 +259,9 @@ class HttpSession:
         if head.method != b"GET" and head.method != b"HEAD":
             self._simple(ex, 405, "only GET and HEAD are served", _ALLOW)
             return
+        if head.target == HEALTH_PATH:
+            self._health(ex)
+            return
         try:
             target = parse_target(head.target)
         except HttpError as e:
@@ -273,6 +280,17 @@ class HttpSession:
             )
         else:
             self._file(ex, target, found)
+
+    def _health(self, ex: _Exchange) -> None:
+        """
+        The load balancer's check: C{200 ok} while serving, C{503} once
+        draining (so the balancer stops sending new requests while replies
+        in flight finish).  No disk, no cache: it says the process answers.
+        """
+        if self._factory.draining:
+            self._simple(ex, 503, "draining", [("Retry-After", "1"), ("Cache-Control", "no-store")])
+        else:
+            self._simple(ex, 200, "ok", [("Cache-Control", "no-store")])
 
     def _ready(self, ex: _Exchange) -> bool:
         """Send a kept response if there is one for this request, still current."""
