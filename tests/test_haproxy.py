@@ -69,19 +69,19 @@ _SERVER = r"^(\s*server\s+(\S+)\s+)10\.0\.0\.\d+:5000(.*\n)"
 
 
 def fleet_config(
-    listen: int, daemon_ports: list[int], stats_socket: Path
+    listen: int, daemon_ports: list[int], stats_socket: Path, config: Path = CONFIG
 ) -> tuple[str, str, list[str]]:
     """
-    deploy/haproxy.cfg as committed, with only these lines changed: the
+    C{config} (deploy/haproxy.cfg) as committed, with only these lines changed: the
     frontend listens on 127.0.0.1:C{listen}; the first servers point at
     C{daemon_ports} and the servers beyond them are left out; the optional
     runtime API socket is turned on at C{stats_socket}.  Not as root, the
     user, group and chroot lines go too (only root can change them).
     Return the text, the backend's name and the servers' names.
     """
-    text = CONFIG.read_text()
+    text = config.read_text()
     text = _rewrite_line(
-        text, r"^(\s*bind\s+):5000$", lambda m: f"{m[1]}127.0.0.1:{listen}", "`bind :5000` line"
+        text, r"^(\s*bind\s+):\d+$", lambda m: f"{m[1]}127.0.0.1:{listen}", "`bind :PORT` line"
     )
     text = _rewrite_line(
         text,
@@ -114,15 +114,22 @@ def fleet_config(
 class HAProxy:
     """haproxy in the foreground (C{-db}) on a rewritten copy of the config."""
 
-    def __init__(self, tmp_path: Path, daemons: list[Daemon]) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        daemons: list[Daemon],
+        config: Path = CONFIG,
+        edit: Callable[[str], str] = lambda text: text,
+    ) -> None:
         self.port = free_port()
-        self.socket = tmp_path / "haproxy.sock"
+        self.socket = tmp_path / f"haproxy-{self.port}.sock"
         text, self.backend, self.servers = fleet_config(
-            self.port, [d.port for d in daemons], self.socket
+            self.port, [d.port for d in daemons], self.socket, config
         )
-        self.config = tmp_path / "haproxy.cfg"
+        text = edit(text)
+        self.config = tmp_path / f"haproxy-{self.port}.cfg"
         self.config.write_text(text)
-        self.log = tmp_path / "haproxy.log"
+        self.log = tmp_path / f"haproxy-{self.port}.log"
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
                 [haproxy_binary(), "-f", str(self.config), "-db"],
