@@ -57,6 +57,7 @@ def loadgen(
         label,
         "-T",
         str(limit),
+        *(["-X"] if server.proxy_header else []),
         *opts,
     ]
     server_tree = process_tree(server.pid)

@@ -80,6 +80,9 @@ ROWS = [
     Row(6, "peak RSS MiB", "rss", False, "{:,.0f}", below(100, "MiB")),
     Row(7, "requests/s", "rps", True, "{:,.0f}", ratio_target(0.6, 8)),
     Row(7, "p99 latency ms", "p99", False, "{:.2f}", below(5, "ms")),
+    Row(8, "requests/s", "rps", True, "{:,.0f}", ratio_target(0.6, 8)),
+    Row(8, "p99 latency ms", "p99", False, "{:.2f}", below(5, "ms")),
+    Row(9, "MB/s", "mbps", True, "{:,.0f}", ratio_target(0.9)),
 ]
 
 

@@ -65,6 +65,7 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[str] = field(default_factory=list)
     config: Path | None = None  # a configuration file written for it, shown in the report
+    proxy_header: bool = False  # a PROXY protocol port: clients send the header first
 
     @property
     def pid(self) -> int:

@@ -1,5 +1,5 @@
 """
-The seven workloads, each a function that measures one server and gives a Run
+The nine workloads, each a function that measures one server and gives a Run
 (one measurement's figures), and WORKLOADS, their numbers and titles in order.
 """
 
@@ -41,7 +41,7 @@ class Run:
         return self
 
 
-TIMED = {1, 2, 3, 4, 5, 6, 7}
+TIMED = {1, 2, 3, 4, 5, 6, 7, 8, 9}
 
 
 def median_run(runs: list[Run]) -> Run:
@@ -119,6 +119,35 @@ def w7_small_two_workers(ctx: Context, s: Server) -> Run:
         return w1_small(ctx, two)
     finally:
         two.stop(ctx.procs)
+
+
+def _on_a_proxy_port(ctx: Context, s: Server, measure: Callable[[Context, Server], Run]) -> Run:
+    """C{measure} of filecache on a PROXY protocol port (haproxy:), every connection opening with a header."""
+    if s.name != FILECACHE:
+        return measure(ctx, s)
+
+    def argv(port: int) -> list[str]:
+        plain = filecache_argv(port, ctx.ds.root, ctx.args)
+        at = plain.index("--port") + 1
+        plain[at] = "haproxy:" + plain[at]
+        return plain
+
+    proxied = Server(FILECACHE, "fc", argv, ctx.logs / "filecache-proxy.log", proxy_header=True)
+    proxied.start(ctx.procs)
+    try:
+        return measure(ctx, proxied)
+    finally:
+        proxied.stop(ctx.procs)
+
+
+def w8_small_proxied(ctx: Context, s: Server) -> Run:
+    """Workload 1 with filecache on a PROXY port: the direct write path beneath Twisted's wrapper."""
+    return _on_a_proxy_port(ctx, s, w1_small)
+
+
+def w9_huge_proxied(ctx: Context, s: Server) -> Run:
+    """Workload 3 with filecache on a PROXY port: sendfile beneath Twisted's wrapper."""
+    return _on_a_proxy_port(ctx, s, w3_huge)
 
 
 def one_connection_mbps(ctx: Context, s: Server, path: str, warm: int, label: str) -> Run:
@@ -259,4 +288,6 @@ WORKLOADS = [
     Workload(5, "10,000 cold 4 KiB files, 50 conns", w5_cold),
     Workload(6, "LIST of 100,000 files (nginx: autoindex)", w6_list),
     Workload(7, "as 1, filecache with --workers 2", w7_small_two_workers),
+    Workload(8, "as 1, filecache on a PROXY port (haproxy:)", w8_small_proxied),
+    Workload(9, "as 3, filecache on a PROXY port (haproxy:)", w9_huge_proxied),
 ]
