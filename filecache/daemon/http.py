@@ -26,7 +26,7 @@ from filecache.daemon.httphead import (
     wants_json,
     with_request_line,
 )
-from filecache.daemon.httpkept import HEAD_MEMO_SIZE, PlainGets
+from filecache.daemon.httpkept import HEAD_MEMO_SIZE, KnownRequests
 from filecache.daemon.httpreply import (
     UNSATISFIABLE,
     check_conditions,
@@ -99,7 +99,7 @@ class HttpSession:
         self._buffer = buffered
         self._busy = False
         self._asked_head = False
-        self._plain: PlainGets = factory.http_plain
+        self._plain: KnownRequests[bytes] = factory.http_plain
 
     @property
     def head_open(self) -> bool:

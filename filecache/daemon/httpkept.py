@@ -1,15 +1,18 @@
 """
-What the HTTP adapter keeps between requests, each bounded: whole responses
-to plain GETs of small cached files, and the header fields of request heads
-read before.
+What the adapters keep between requests, each bounded: whole responses to
+plain HTTP GETs of small cached files, the header fields of request heads
+read before, and plain GET requests of either protocol known by their bytes.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Generic, TypeVar
 
 from filecache.daemon.cache import CacheEntry
 from filecache.daemon.httphead import RequestHead
+
+V = TypeVar("V")
 
 READY_BUDGET = 8 * 1024 * 1024
 """Bytes of whole small-file responses kept ready for the next plain GET."""
@@ -75,31 +78,33 @@ class ParsedHeads:
         kept[(head.version, fields)] = head
 
 
-PLAIN_GETS = 4096
-"""Request heads remembered as plain GETs, at most."""
+KNOWN_REQUESTS = 4096
+"""Requests remembered by their bytes, at most, for each protocol."""
 
 
-class PlainGets:
+class KnownRequests(Generic[V]):
     """
-    Whole request heads known to be plain keep-alive HTTP/1.1 GETs (no
-    range, no condition), by their exact bytes, with their request-target.
-    What a head asks is a pure function of its bytes, and a client fetching
-    small files sends the same head for the same file again and again: a
-    read that is exactly such a head needs no parsing at all.  At most
-    L{PLAIN_GETS}, of at most L{HEAD_MEMO_SIZE} bytes; the oldest go first.
+    Whole requests known to be plain GETs, by their exact bytes, with what
+    they ask for: HTTP heads of keep-alive HTTP/1.1 GETs with no range and
+    no condition (with their request-target), native C{GET <path> 0} lines
+    (with their path).  What a request asks is a pure function of its
+    bytes, and a client fetching small files sends the same request for the
+    same file again and again: a read that is exactly such a request needs
+    no parsing at all.  At most L{KNOWN_REQUESTS}, of at most
+    L{HEAD_MEMO_SIZE} bytes; the oldest go first.
     """
 
-    def __init__(self, entries: int = PLAIN_GETS) -> None:
+    def __init__(self, entries: int = KNOWN_REQUESTS) -> None:
         self._entries = entries
-        self._kept: dict[bytes, bytes] = {}
+        self._kept: dict[bytes, V] = {}
 
-    def get(self, block: bytes) -> bytes | None:
-        return self._kept.get(block)
+    def get(self, request: bytes) -> V | None:
+        return self._kept.get(request)
 
-    def keep(self, block: bytes, target: bytes) -> None:
+    def keep(self, request: bytes, asked: V) -> None:
         kept = self._kept
-        if block in kept:
+        if request in kept or len(request) > HEAD_MEMO_SIZE:
             return
         if len(kept) >= self._entries:
             del kept[next(iter(kept))]
-        kept[block] = target
+        kept[request] = asked

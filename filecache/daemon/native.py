@@ -21,7 +21,7 @@ from filecache.daemon.bodies import Sent
 from filecache.daemon.connection import Connection
 from filecache.daemon.http import HttpSession
 from filecache.daemon.httphead import MAX_HEADER_LINE, is_request_line, starts_like_http
-from filecache.daemon.httpkept import ParsedHeads, PlainGets, ReadyResponses
+from filecache.daemon.httpkept import KnownRequests, ParsedHeads, ReadyResponses
 from filecache.daemon.httpreply import DateCache
 from filecache.daemon.listing import ListBody, ListResult
 from filecache.daemon.responder import (
@@ -42,15 +42,42 @@ class FileCacheProtocol(Connection):
     def dataReceived(self, data: bytes) -> None:
         if self.behind_proxy and not self.admit_behind_proxy(data):
             return
-        if self._lines == 0 and self._http is None and not self._buffer and self.factory.http:
-            end = data.find(b"\n")
-            if 0 < end <= MAX_HEADER_LINE + 1 and is_request_line(data[:end]):
-                # The first line decides, as lineReceived would, and the
-                # session reads this whole read itself: a head that came
-                # whole is read at once, as on every later request.
-                self._lines = 1
-                self._http = HttpSession(self)
+        if self._http is None and not self._buffer:
+            if self._lines:
+                if self._fast_get(data):
+                    return
+            elif self.factory.http:
+                self._http_from_first_read(data)
         super().dataReceived(data)
+
+    def _http_from_first_read(self, data: bytes) -> None:
+        end = data.find(b"\n")
+        if 0 < end <= MAX_HEADER_LINE + 1 and is_request_line(data[:end]):
+            # The first line decides, as lineReceived would, and the session
+            # reads this whole read itself: a head that came whole is read at
+            # once, as on every later request.
+            self._lines = 1
+            self._http = HttpSession(self)
+
+    def _fast_get(self, data: bytes) -> bool:
+        """
+        Answer a read that is exactly one native C{GET <path> 0} line seen
+        before, for a small cached file whose whole reply is kept, with no
+        parsing: what L{lineReceived} would send, the same bytes.  C{False}
+        (nothing done) otherwise; the line is then read the long way.
+        """
+        factory = self.factory
+        path = factory.native_gets.get(data)
+        if path is None or self.paused or factory.access_log:
+            return False
+        reply = factory.responder.kept_hit(path)
+        if reply is None:
+            return False
+        self._lines += 1
+        self.request_arrived()
+        self.write_whole(reply)
+        self.resetTimeout()
+        return True
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._http is None and self._lines == 0 and self.factory.http and starts_like_http(line):
@@ -86,6 +113,8 @@ class FileCacheProtocol(Connection):
         started = factory.clock.seconds() if factory.access_log else 0.0
         try:
             request = wire.parse_request(line)
+            if type(request) is wire.GetRequest and request.offset == 0:
+                factory.native_gets.keep(line + b"\n", request.path)
         except wire.WireError as e:
             self._finish_simple(line, factory.responder.malformed(e.code, e.message), started)
             if e.code == wire.TOO_LONG:
@@ -227,7 +256,10 @@ class FileCacheFactory(_ProtocolFactory):
         self.dates = DateCache(clock.seconds)
         self.http_ready = ReadyResponses()
         self.http_heads = ParsedHeads()
-        self.http_plain = PlainGets()
+        # Plain GETs read before, by their exact bytes: HTTP heads (with
+        # their target) and native lines (with their path).
+        self.http_plain: KnownRequests[bytes] = KnownRequests()
+        self.native_gets: KnownRequests[str] = KnownRequests()
         if admission is None:
             admission = Admission(
                 clock,

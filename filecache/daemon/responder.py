@@ -272,6 +272,23 @@ class Responder:
             return Reply(whole, "OK", None, cache, length)
         return Reply(status, "OK", MemoryBody(data, start, digest, self.count_sent), cache, length)
 
+    def kept_hit(self, path: str) -> bytes | None:
+        """
+        The whole native reply to C{GET path 0} if it is kept and its
+        entry is still current (a request and a hit counted, its body as
+        sent); C{None} if not: the request must be answered the long way.
+        """
+        built = self._built.get(path)
+        if built is None:
+            return None
+        entry, data = built
+        if self.cache.peek(path) is not entry or not self.freshness.holds(entry):
+            return None
+        self.cache.lookup(path, entry.version)  # counts the hit
+        self.counters.requests += 1
+        self.count_sent(len(entry.data))
+        return data
+
     def _keep_built(self, path: str, entry: CacheEntry, data: bytes) -> None:
         # The whole reply to a hit, kept beside its entry (checked by
         # identity, so a new version never meets an old reply), oldest
