@@ -327,7 +327,7 @@ def render(args: argparse.Namespace, info: list[tuple[str, str]], trace_results:
     out += ["", "Command: `python3 benchmarks/cachebench.py " + " ".join(sys.argv[1:]) + "`", ""]
     out += [
         (
-            f"### (a) Trace replay, in-process (no daemon): cache {CACHE_SIZE}iB, Zipf({ZIPF_S}) over "
+            f"### (a) Trace replay, in-process (no daemon): cache {CACHE_BYTES >> 20} MiB, Zipf({ZIPF_S}) over "
             f"{TRACE_FILES:,} files of {HOT_SIZE >> 10} KiB"
         ),
         "",
