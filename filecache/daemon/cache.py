@@ -71,8 +71,8 @@ class ICache(Interface):
     def reserve(size: int) -> bool:
         """
         Set aside room for an entry of C{size} content bytes about to be
-        read, evicting the oldest entries now, before the bytes are in
-        memory.  C{False} (nothing reserved) if it cannot fit beside the
+        read, evicting (the oldest entries, or whichever the policy picks)
+        now, before the bytes are in memory.  C{False} (nothing reserved) if it cannot fit beside the
         other reservations.
         """
 
@@ -81,15 +81,19 @@ class ICache(Interface):
 
     def insert(path: str, entry: CacheEntry) -> bool:
         """
-        Store C{entry} as the newest, evicting the oldest entries until it
-        fits.  Return C{False} (storing nothing) if it can never fit.
+        Store C{entry} as the newest, evicting (the oldest entries, or
+        whichever the policy picks) until it fits.  Return C{False}
+        (storing nothing) if it can never fit.
         """
 
     def discard(path: str) -> None:
         """Evict C{path}'s entry if there is one."""
 
     def __iter__() -> Iterator[tuple[str, CacheEntry]]:
-        """The entries, oldest (next to be evicted) first."""
+        """
+        A snapshot of the entries, the next to be evicted first: exactly
+        for L{FifoCache}, roughly for the other policies (each says how).
+        """
 
     def __len__() -> int:
         """The number of entries."""
