@@ -24,6 +24,7 @@ from filecache.daemon.cache import (
     S3FifoCache,
     SieveCache,
     make_cache,
+    policy_name,
 )
 
 PolicyCache = S3FifoCache | SieveCache
@@ -295,6 +296,7 @@ def test_make_cache_builds_each_policy() -> None:
     assert kinds == {"fifo": FifoCache, "s3fifo": S3FifoCache, "sieve": SieveCache}
     with pytest.raises(ValueError):
         make_cache("lru", 10)
+    assert [policy_name(make_cache(name, 10)) for name in POLICIES] == list(POLICIES)
 
 
 def test_cache_policy_option(tmp_path: Path) -> None:

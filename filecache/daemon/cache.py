@@ -502,6 +502,13 @@ POLICIES = ("fifo", "s3fifo", "sieve")
 """The values of C{--cache-policy}, the default first."""
 
 
+def policy_name(cache: ICache) -> str:
+    """The C{--cache-policy} that makes a cache like C{cache} (its class name for another ICache)."""
+    kind = type(cache)
+    names: dict[type, str] = {FifoCache: "fifo", S3FifoCache: "s3fifo", SieveCache: "sieve"}
+    return names.get(kind, kind.__name__)
+
+
 def make_cache(policy: str, capacity: int, entry_overhead: int = ENTRY_OVERHEAD) -> ICache:
     """The cache for C{--cache-policy}: one of L{POLICIES}."""
     if policy == "fifo":
