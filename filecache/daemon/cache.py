@@ -338,7 +338,9 @@ class S3FifoCache(_PolicyCache):
     The main queue evicts in FIFO order, but an entry hit since its last
     pass goes round once more (up to three times for three hits).  So a scan
     of files read once churns through the small queue and leaves main, where
-    the hot files are, alone.
+    the hot files are, alone.  A changed file's new version starts on
+    probation again, like any entry whose key the ghost does not hold
+    (entries dropped as stale or discarded are not remembered there).
 
     The ghost holds keys only, no content, and at most as many as the cache
     has entries (at least L{GHOST_FLOOR}): it is not charged to the budget,
