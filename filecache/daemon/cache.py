@@ -72,8 +72,8 @@ class ICache(Interface):
         """
         Set aside room for an entry of C{size} content bytes about to be
         read, evicting (the oldest entries, or whichever the policy picks)
-        now, before the bytes are in memory.  C{False} (nothing reserved) if it cannot fit beside the
-        other reservations.
+        now, before the bytes are in memory.  C{False} (nothing reserved)
+        if it cannot fit beside the other reservations.
         """
 
     def release(size: int) -> None:
