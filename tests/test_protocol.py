@@ -325,9 +325,9 @@ def parse_stats(reply: bytes) -> dict[str, int]:
     stats = {}
     for row in rows:
         key, value = row.split(b" ")
-        if key != b"version":
+        if key not in (b"version", b"cache_policy"):
             stats[key.decode()] = int(value)
-    assert len(stats) == len(rows) - 1, "duplicate STATS keys"
+    assert len(stats) == len(rows) - 2, "duplicate STATS keys"
     return stats
 
 
@@ -499,7 +499,7 @@ def test_list_error_when_the_folder_cannot_be_listed(root: Path) -> None:
 
 def test_stats_keys_and_counters(root: Path) -> None:
     """
-    STATS sends `OK 18` and the documented keys with exact values:
+    STATS sends `OK 20` and the documented keys with exact values:
     hits/misses/bytes_sent/requests follow GETs, and connections_active /
     connections_total follow connections opening and closing.
     """
@@ -507,7 +507,9 @@ def test_stats_keys_and_counters(root: Path) -> None:
     _, factory, _ = start(root, capacity=1000)
     one, t1 = connect(factory, ClosingTransport())
 
-    first = parse_stats(ask(one, t1, b"STATS\r\n"))
+    reply = ask(one, t1, b"STATS\r\n")
+    assert reply.startswith(b"OK 20\r\n") and b"\r\ncache_policy fifo\r\n" in reply
+    first = parse_stats(reply)
     ask(one, t1, b"GET a.txt\r\nGET a.txt\r\n")
     two, t2 = connect(factory, ClosingTransport())
     second = parse_stats(ask(two, t2, b"STATS\r\n"))
@@ -1008,7 +1010,7 @@ def test_line_of_exactly_4096_bytes_is_served(root: Path) -> None:
 
     out = ask(proto, transport, line + b"\r\nSTATS\r\n")
 
-    assert out.startswith(get_reply(data, version_of(path)) + b"OK 19\r\n")
+    assert out.startswith(get_reply(data, version_of(path)) + b"OK 20\r\n")
     assert transport.disconnecting is False
 
 

@@ -152,3 +152,25 @@ def test_workers_read_the_proxy_header_on_a_proxy_port(shared: Path, daemon_fact
             os.kill(stopped, signal.SIGCONT)
     wait_for(lambda: "192.0.2.2:4000 GET a.txt OK" in daemon.log_text(), 10, "the parent's access line")
     assert re.search(r"worker 1: .* 192\.0\.2\.1:4000 GET a\.txt OK", daemon.log_text())
+
+
+def test_workers_run_the_parents_cache_policy(shared: Path, daemon_factory: DaemonFactory) -> None:
+    """
+    With --workers 2 --cache-policy s3fifo, both processes build an S3-FIFO
+    cache: STATS from each (the other one stopped) says cache_policy s3fifo.
+    """
+    daemon = daemon_factory(shared, "--workers", "2", "--cache-policy", "s3fifo")
+    wait_for(lambda: "worker 1: [-] FileCacheFactory starting on" in daemon.log_text(), 20, "the worker")
+    worker = worker_pids(daemon.log_text())[0]
+    seen = {}
+    for stopped in (daemon.pid, worker):
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            client = RawClient(daemon.port)
+            _, rows = client.rows(b"STATS")
+            client.close()
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        figures = dict(row.decode().strip().split(" ", 1) for row in rows)
+        seen[int(figures["pid"])] = figures["cache_policy"]
+    assert seen == {daemon.pid: "s3fifo", worker: "s3fifo"}

@@ -66,6 +66,7 @@ class DaemonConfig:
 
     dir: str = field(metadata=_option("--dir"))
     cache_size: int = field(default=64 << 20, metadata=_option("--cache-size"))
+    cache_policy: str = field(default="fifo", metadata=_option("--cache-policy"))
     idle_timeout: float | None = field(default=120.0, metadata=_option("--idle-timeout"))
     drain_timeout: float = field(default=30.0, metadata=_option("--drain-timeout"))
     max_connections: int = field(default=1024, metadata=_option("--max-connections"))

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from filecache import __version__, wire
 from filecache.daemon.bodies import DiskBody, FileAnswer, MemoryBody, Stores
-from filecache.daemon.cache import CacheEntry, DigestStore, ICache
+from filecache.daemon.cache import CacheEntry, DigestStore, ICache, policy_name
 from filecache.daemon.diskwork import BlockingRunner, run_now
 from filecache.daemon.folder import (
     SETTLE,
@@ -443,6 +443,7 @@ class Responder:
         return [
             ("cache_bytes", cache.size),
             ("cache_capacity", cache.capacity),
+            ("cache_policy", policy_name(cache)),
             ("cache_files", len(cache)),
             ("hits", cache.hits),
             ("misses", cache.misses),

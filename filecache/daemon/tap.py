@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from filecache.daemon.admission import parse_allow
-from filecache.daemon.cache import FifoCache
+from filecache.daemon.cache import POLICIES as CACHE_POLICIES
+from filecache.daemon.cache import make_cache
 from filecache.daemon.config import DaemonConfig, endpoint_description, parse_size
 from filecache.daemon.diskwork import DiskWork
 from filecache.daemon.folder import SharedFolder
@@ -42,7 +43,8 @@ class Options(usage.Options):
     longdesc = (
         "Share every regular file under DIRECTORY (recursively, dotfiles "
         "excepted) with many clients at once, keeping recently read files in "
-        "a first-in first-out memory cache.  See docs/protocol.md."
+        "a memory cache (first-in first-out unless --cache-policy says "
+        "otherwise).  See docs/protocol.md."
     )
     # Read by usage.Options from the class; never changed.
     optParameters: ClassVar[list[list[str | None]]] = [
@@ -54,6 +56,17 @@ class Options(usage.Options):
             (
                 "Memory cache budget: bytes, or a number with K, M or G (binary "
                 "units). Files larger than this are streamed from disk, never cached."
+            ),
+        ],
+        [
+            "cache-policy",
+            None,
+            "fifo",
+            (
+                "Which files the cache evicts first: fifo (in order of reading), "
+                "s3fifo (new files on probation, files read again kept: resists a "
+                "scan such as a mirror of the whole folder) or sieve (one queue, a "
+                "file read again survives one more pass). See docs/operations.md."
             ),
         ],
         [
@@ -179,6 +192,11 @@ class Options(usage.Options):
             cache_size = parse_size(str(self["cache-size"]))
         except ValueError as e:
             raise ConfigError(f"--cache-size: {e}") from None
+        cache_policy = str(self["cache-policy"]).strip().lower()
+        if cache_policy not in CACHE_POLICIES:
+            raise ConfigError(
+                f"--cache-policy must be one of {', '.join(CACHE_POLICIES)}, not {cache_policy!r}"
+            )
         port_texts = tuple(self["port"]) or ("tcp:5000",)
         ports = tuple(endpoint_description(text) for text in port_texts)
         limits = {}
@@ -224,6 +242,7 @@ class Options(usage.Options):
         self.config = DaemonConfig(
             dir=directory,
             cache_size=cache_size,
+            cache_policy=cache_policy,
             idle_timeout=_number("--idle-timeout", self["idle-timeout"], float) or None,
             drain_timeout=_number("--drain-timeout", self["drain-timeout"], float),
             max_connections=limits["max-connections"],
@@ -325,11 +344,12 @@ class _Announcer(Service):
             return
         self._log.info("freshness: {how}", how=self._freshness)
         self._log.info(
-            "filecache serving {dir} on {port}{http}, cache {cache_size} bytes, {workers} worker(s)",
+            "filecache serving {dir} on {port}{http}, cache {cache_size} bytes ({policy}), {workers} worker(s)",
             dir=os.path.realpath(c.dir),
             port=" and ".join(c.ports),
             http=" (native and HTTP/1.1)" if c.http else " (native protocol only)",
             cache_size=c.cache_size,
+            policy=c.cache_policy,
             workers=c.workers,
         )
 
@@ -350,7 +370,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     freshness, why = choose_freshness(config.freshness, folder.root)
     responder = Responder(
         folder,
-        FifoCache(config.cache_size),
+        make_cache(config.cache_policy, config.cache_size),
         run_blocking=disk,
         reactor=reactor,
         worker=config.worker_index,
