@@ -24,6 +24,7 @@ from filecache.daemon.httphead import MAX_HEADER_LINE, is_request_line, starts_l
 from filecache.daemon.httpkept import ParsedHeads, PlainGets, ReadyResponses
 from filecache.daemon.httpreply import DateCache
 from filecache.daemon.listing import ListBody, ListResult
+from filecache.daemon.metrics import DaemonMetrics, ReplyFigures
 from filecache.daemon.responder import (
     Reply,
     Responder,
@@ -83,7 +84,7 @@ class FileCacheProtocol(Connection):
             # A native connection after all: native lines are shorter.
             self.MAX_LENGTH = FileCacheProtocol.MAX_LENGTH
         self.request_arrived()
-        started = factory.clock.seconds() if factory.access_log else 0.0
+        started = factory.clock.seconds()
         try:
             request = wire.parse_request(line)
         except wire.WireError as e:
@@ -97,6 +98,7 @@ class FileCacheProtocol(Connection):
             self._log.failure("Error answering {request!r}", request=line[:200])
             reply = error_reply(wire.UNAVAILABLE, "internal error")
         if reply is None:  # QUIT
+            factory.replies.answered(False, "OK", factory.clock.seconds() - started)
             self.transport.loseConnection()
             return
         if isinstance(reply, Deferred):
@@ -127,6 +129,7 @@ class FileCacheProtocol(Connection):
             return
         if self.transport is None or not self.connected:
             reply.body.discard()
+            self.gone()
             return
         body = reply.body
         if isinstance(body, ListBody):
@@ -146,6 +149,7 @@ class FileCacheProtocol(Connection):
 
     def _finish_simple(self, line: bytes, reply: Reply, started: float) -> None:
         if self.transport is None or not self.connected:
+            self.gone()
             return
         self.write_whole(reply.data)
         self.factory.responder.delivered(reply)
@@ -228,6 +232,9 @@ class FileCacheFactory(_ProtocolFactory):
         self.http_ready = ReadyResponses()
         self.http_heads = ParsedHeads()
         self.http_plain = PlainGets()
+        self.replies = ReplyFigures()
+        # Set when /metrics is served on this port (L{filecache.daemon.metrics}).
+        self.metrics: DaemonMetrics | None = None
         if admission is None:
             admission = Admission(
                 clock,
