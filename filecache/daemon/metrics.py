@@ -26,6 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -446,6 +447,22 @@ class _QuietSite(Site):
 
     def log(self, request: Any) -> None:
         pass
+
+
+class MetricsListener(StreamServerEndpointService):
+    """
+    C{--metrics ENDPOINT}'s listener.  It listens when the daemon starts,
+    not in twistd's privileged start as a plain endpoint service would: so
+    it comes after the daemon's own ports, whose "starting on" line is the
+    log's first (which scripts and the tests read), workers or not.
+    """
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        StreamServerEndpointService.privilegedStartService(self)  # the listen
 
 
 def metrics_site(metrics: DaemonMetrics) -> Site:

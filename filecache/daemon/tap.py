@@ -27,7 +27,13 @@ from filecache.daemon.diskwork import DiskWork
 from filecache.daemon.folder import SharedFolder
 from filecache.daemon.freshness import MODES as FRESHNESS_MODES
 from filecache.daemon.freshness import choose_freshness
-from filecache.daemon.metrics import DaemonMetrics, SnapshotFolder, SnapshotService, metrics_site
+from filecache.daemon.metrics import (
+    DaemonMetrics,
+    MetricsListener,
+    SnapshotFolder,
+    SnapshotService,
+    metrics_site,
+)
 from filecache.daemon.native import FileCacheFactory
 from filecache.daemon.responder import Responder
 from filecache.daemon.startup import ConfigError, StartupEndpoint, check_endpoint
@@ -418,6 +424,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         trusted_proxies=config.trusted_proxies,
     )
     metrics_dir = _metrics_folder(config)
+    metrics_listener: Service | None = None
     if config.metrics != METRICS_OFF or metrics_dir is not None:
         snapshots = SnapshotFolder(metrics_dir) if metrics_dir is not None else None
         metrics = DaemonMetrics(responder, factory.admission, factory.replies, clock=reactor, snapshots=snapshots)
@@ -428,7 +435,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         if config.metrics not in (None, METRICS_OFF) and not config.inherit_fds:
             assert config.metrics is not None and config.metrics_text is not None
             own = StartupEndpoint(serverFromString(reactor, config.metrics), config.metrics_text)
-            StreamServerEndpointService(own, metrics_site(metrics)).setServiceParent(top)
+            metrics_listener = MetricsListener(own, metrics_site(metrics))
     # A PROXY protocol port's connections are admitted by the header's address.
     factories = [factory.behind_proxy() if proxied else factory for proxied in config.proxied]
     # Not strports.service: it makes its endpoint from the string itself, so
@@ -458,6 +465,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ]
     else:
         listeners = [StreamServerEndpointService(endpoint, f) for endpoint, f in zip(endpoints, factories)]
+    if metrics_listener is not None:
+        # After the ports: the log's first "starting on" line is the daemon's port.
+        listeners.append(metrics_listener)
     for listener in listeners:
         listener.setServiceParent(top)
     DrainService(factory, config.drain_timeout, reactor, disk).setServiceParent(top)
