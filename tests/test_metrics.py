@@ -235,6 +235,22 @@ def test_refusals_by_reason(root: Path) -> None:
     assert samples[(refusal, (("reason", "not_allowed"),))] == 1
     assert samples[(refusal, (("reason", "too_many_per_address"),))] == 1
     assert samples[(refusal, (("reason", "too_many_connections"),))] == 1
+    assert samples[(refusal, (("reason", "untrusted_proxy"),))] == 0  # there from the start
+
+
+def test_proxy_refusals_by_reason(root: Path) -> None:
+    """On a PROXY port, a peer that is not a --trusted-proxy and a connection without a header are counted."""
+    from filecache.daemon.admission import parse_allow
+
+    factory = make(root, trusted_proxies=parse_allow("10.0.0.1"))
+    proxied = factory.behind_proxy()
+    closer = proxied.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
+    assert type(closer).__name__ == "_Closer"
+    factory.admission.bad_proxy_header("10.0.0.1")
+    assert factory.metrics is not None
+    samples = samples_of(factory.metrics.exposition().decode())
+    assert samples[("filecache_refusals_total", (("reason", "untrusted_proxy"),))] == 1
+    assert samples[("filecache_refusals_total", (("reason", "bad_proxy_header"),))] == 1
 
 
 @pytest.mark.parametrize(

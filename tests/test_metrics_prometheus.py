@@ -202,3 +202,13 @@ def test_a_main_port_scrape_reports_both_processes(shared: Path, daemon_factory:
     samples = samples_of(text)
     assert samples[("filecache_processes", ())] == 2
     assert samples[("filecache_connections_total", ())] == made + 1  # the scrape's own
+
+
+def test_the_example_alert_rules_pass_promtool() -> None:
+    """deploy/prometheus-alerts.yml (quoted in docs/operations.md) is valid for promtool, with its three rules."""
+    rules = Path(__file__).parent.parent / "deploy" / "prometheus-alerts.yml"
+    check = subprocess.run(
+        ["promtool", "check", "rules", str(rules)], capture_output=True, timeout=30, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert b"SUCCESS: 3 rules found" in check.stdout

@@ -115,6 +115,9 @@ def outcome(http: bool, status: str) -> str:
     return "error"
 
 
+REFUSAL_REASONS = ("not_allowed", "too_many_connections", "too_many_per_address", "untrusted_proxy", "bad_proxy_header")
+"""The C{reason} labels of L{Admission.refusals}."""
+
 _COUNTERS = (
     ("response_body_bytes", "File content bytes sent in reply bodies, both protocols (STATS bytes_sent)."),
     ("cache_hits", "Cache lookups that found a current entry."),
@@ -371,8 +374,9 @@ class _Collector(Collector):
             "untrusted_proxy, bad_proxy_header).",
             labels=["reason"],
         )
-        for reason, count in sorted(total.refusals.items()):
-            refusals.add_metric([reason], count)
+        for reason in sorted(set(REFUSAL_REASONS) | set(total.refusals)):
+            # Every reason from the start, at 0: a rate() over it is 0, not missing.
+            refusals.add_metric([reason], total.refusals.get(reason, 0))
         yield refusals
         cumulative, running = [], 0
         for bound, count in zip((*(repr(b) for b in DURATION_BUCKETS), "+Inf"), total.buckets):
