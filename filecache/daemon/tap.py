@@ -378,12 +378,21 @@ class _Announcer(Service):
 _log = Logger()
 
 
+def _remove_if_orphaned(path: str, parent: int) -> None:
+    if os.getppid() != parent:
+        shutil.rmtree(path, True)
+
+
 def _metrics_folder(config: DaemonConfig) -> str | None:
     """
     The folder of the processes' metrics snapshots: a worker's is given;
     a parent of workers makes one, removed when it exits; else none.
     """
     if config.metrics_dir is not None or config.inherit_fds:
+        if config.metrics_dir is not None:
+            # A parent killed outright (SIGKILL) removes nothing: the workers
+            # it leaves behind stop on their own, and remove the folder then.
+            atexit.register(_remove_if_orphaned, config.metrics_dir, os.getppid())
         return config.metrics_dir
     if config.workers < 2 or config.metrics == METRICS_OFF:
         return None
