@@ -54,6 +54,7 @@ _SYSTEM_MODULES = frozenset(
         "test_attacks",
         "test_startup",
         "test_benchmark_harness",
+        "test_metrics_prometheus",
     }
 )
 

@@ -123,12 +123,18 @@ def test_workers_auto_and_bad_values(tmp_path: Path) -> None:
 
 
 def test_workers_stop_when_the_parent_is_killed(shared: Path, daemon_factory: DaemonFactory) -> None:
-    """A worker whose parent died (SIGKILL, no chance to stop it) stops by itself."""
+    """
+    A worker whose parent died (SIGKILL, no chance to stop it) stops by
+    itself, and removes the metrics snapshot folder its parent could not.
+    """
     daemon = daemon_factory(shared, "--workers", "2")
     wait_for(lambda: worker_pids(daemon.log_text()), 20, "the worker")
     worker = worker_pids(daemon.log_text())[0]
+    folder = Path(re.findall(r"metrics snapshots of the workers in (\S+)", daemon.log_text())[0])
+    wait_for(lambda: (folder / f"{worker}.json").exists(), 20, "the worker's snapshot")
     daemon.stop(signal.SIGKILL)
     wait_for(lambda: not alive(worker), 15, "the orphaned worker to stop")
+    wait_for(lambda: not folder.exists(), 5, "the snapshot folder to be removed")
 
 
 def test_workers_read_the_proxy_header_on_a_proxy_port(shared: Path, daemon_factory: DaemonFactory) -> None:

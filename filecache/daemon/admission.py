@@ -205,6 +205,8 @@ class Admission:
         self.connections_total = 0
         self.draining = False
         self._per_host: Counter[str] = Counter()
+        # Refused connections by reason (the metrics' refusal labels).
+        self.refusals: Counter[str] = Counter()
         self._noted: set[tuple[str, str]] = set()
         # Each connection let in, with the address it is counted under:
         # taken once, so it is uncounted under the same one.
@@ -223,10 +225,13 @@ class Admission:
         """
         if host is not None and not self.allowed(host):
             self._note_once(host, "refused connection from {host}: not in --allow")
+            self.refusals["not_allowed"] += 1
             return NOT_ALLOWED
         if self.connections_active >= self.max_connections:
+            self.refusals["too_many_connections"] += 1
             return "too many connections; try again later"
         if self._per_host[host or "local"] >= self.max_per_ip:
+            self.refusals["too_many_per_address"] += 1
             return "too many connections from your address; try again later"
         return None
 
@@ -252,6 +257,7 @@ class Admission:
         if proxied:
             if host is not None and not self.trusted(host):
                 self._note_once(host, "refused connection from {host}: not a --trusted-proxy")
+                self.refusals["untrusted_proxy"] += 1
                 return _Closer()
             return make()
         why = self.refusal(host)
@@ -268,6 +274,7 @@ class Admission:
     def bad_proxy_header(self, host: str) -> None:
         """A connection to a PROXY port from C{host} ended before a valid header (logged once per address)."""
         self._note_once(host, "closed connection from {host}: no valid PROXY protocol header")
+        self.refusals["bad_proxy_header"] += 1
 
     def opened(self, connection: Connection, host: str) -> None:
         """C{connection} came in from C{host}: counted under that address until L{closed}."""

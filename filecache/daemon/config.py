@@ -53,8 +53,21 @@ def _option(name: str) -> Any:
 # Fields a worker never gets from its parent's argv: the listener is the
 # parent's, and the worker's own number and socket are added by the pool.
 _NOT_FOR_WORKERS = frozenset(
-    {"ports", "port_texts", "workers", "inherit_fds", "worker_index", "allow", "trusted_proxies"}
+    {
+        "ports",
+        "port_texts",
+        "workers",
+        "inherit_fds",
+        "worker_index",
+        "allow",
+        "trusted_proxies",
+        "metrics",
+        "metrics_text",
+        "metrics_dir",
+    }
 )
+
+METRICS_OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,12 @@ class DaemonConfig:
     # Inherited listening sockets: descriptor, address family, PROXY protocol or not.
     inherit_fds: tuple[tuple[int, int, bool], ...] = ()
     worker_index: int = 0
+    # Where /metrics is served: None, the HTTP side of every --port;
+    # METRICS_OFF, nowhere; else an endpoint description of its own listener.
+    metrics: str | None = None
+    metrics_text: str | None = None
+    # With --workers: the folder of the processes' metrics snapshots.
+    metrics_dir: str | None = None
 
     @property
     def proxied(self) -> tuple[bool, ...]:
@@ -99,6 +118,22 @@ class DaemonConfig:
     def port_text(self) -> str:
         """The first C{--port}, as given."""
         return self.port_texts[0]
+
+    @property
+    def metrics_on_ports(self) -> bool:
+        """Whether /metrics is served on the HTTP side of the daemon's own ports."""
+        return self.metrics is None and self.http
+
+    def worker_metrics_argv(self, metrics_dir: str | None) -> list[str]:
+        """
+        The metrics options of a worker: it serves /metrics on the shared
+        ports if its parent does (never on C{--metrics}'s own listener, which
+        is the parent's), and writes its snapshots in C{metrics_dir}.
+        """
+        argv = [] if self.metrics is None else ["--metrics", METRICS_OFF]
+        if metrics_dir is not None:
+            argv += ["--metrics-dir", metrics_dir]
+        return argv
 
     def to_argv(self) -> list[str]:
         """The plugin's options that make this configuration again, for a worker."""

@@ -169,6 +169,7 @@ class Connection(LineReceiver, TimeoutMixin):
         pending, self._pending = self._pending, None
         if pending is not None:
             # Disk work for a client who has gone is dropped before it runs.
+            self.gone()
             pending.cancel()
         admission = self.factory.admission
         if self.behind_proxy:
@@ -326,8 +327,10 @@ class Connection(LineReceiver, TimeoutMixin):
             self._set_replying(False)
 
     def access(self, request: bytes, status: str, size: int, started: float, cache: str) -> None:
-        """The access log's line for one reply, of either protocol."""
+        """The end of one reply, of either protocol: counted for the metrics, and the access log's line."""
         factory = self.factory
+        seconds = factory.clock.seconds() - started
+        factory.replies.answered(self._http is not None, status, seconds)
         if not factory.access_log:
             return
         self._log.info(
@@ -337,6 +340,10 @@ class Connection(LineReceiver, TimeoutMixin):
             request=wire.printable_bytes(request[:200].rstrip(b"\r")),
             status=status,
             size=size,
-            seconds=factory.clock.seconds() - started,
+            seconds=seconds,
             cache=cache,
         )
+
+    def gone(self) -> None:
+        """A request whose client left before its reply was written (counted for the metrics)."""
+        self.factory.replies.gone(self._http is not None)

@@ -40,10 +40,12 @@ from filecache.daemon.httpreply import (
     repr_digest,
 )
 from filecache.daemon.listing import ListResult
+from filecache.daemon.metrics import CONTENT_TYPE_LATEST, on_main_port
 from filecache.daemon.responder import INLINE_LIMIT, Reply
 from filecache.daemon.transfer import TransferFailed
 
 if TYPE_CHECKING:
+    from filecache.daemon.metrics import DaemonMetrics
     from filecache.daemon.native import FileCacheProtocol
 
 _ALLOW = [("Allow", "GET, HEAD")]
@@ -100,6 +102,7 @@ class HttpSession:
         self._busy = False
         self._asked_head = False
         self._plain: KnownRequests[bytes] = factory.http_plain
+        self._replies = factory.replies
 
     @property
     def head_open(self) -> bool:
@@ -212,6 +215,7 @@ class HttpSession:
         conn.request_arrived()
         responder.count_request(http=True)
         responder.count_sent(len(body))
+        self._replies.fast += 1
         conn.write_whole(b"".join((head, b"Date: ", factory.dates.now(), b"\r\n\r\n", body)))
         return True
 
@@ -252,9 +256,13 @@ class HttpSession:
     def _request(self, head: RequestHead) -> None:
         factory = self._factory
         self._responder.count_request(http=True)
-        started = factory.clock.seconds() if factory.access_log else 0.0
-        ex = _Exchange(head, head.keep_alive and not factory.draining, started)
+        ex = _Exchange(head, head.keep_alive and not factory.draining, factory.clock.seconds())
         if head.method == b"GET" and ex.keep and head.version == (1, 1) and self._ready(ex):
+            return
+        if factory.metrics is not None and on_main_port(head.target):
+            # Before the file lookup: a shared file named "metrics" at the
+            # folder's root is not served over HTTP while this is on.
+            self._metrics(ex, factory.metrics)
             return
         if head.method != b"GET" and head.method != b"HEAD":
             self._simple(ex, 405, "only GET and HEAD are served", _ALLOW)
@@ -303,6 +311,22 @@ class HttpSession:
         self._responder.count_sent(len(body))
         self._finish(ex, 200, b"".join((head, b"Date: ", self._factory.dates.now(), b"\r\n\r\n", body)), len(body), "hit")
         return True
+
+    def _metrics(self, ex: _Exchange, metrics: DaemonMetrics) -> None:
+        """The daemon's metrics in the Prometheus text format (docs/operations.md)."""
+        if ex.head.method != b"GET" and ex.head.method != b"HEAD":
+            self._simple(ex, 405, "only GET and HEAD are served", _ALLOW)
+            return
+        body = metrics.exposition()
+        fields = [
+            ("Content-Type", CONTENT_TYPE_LATEST),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+        if ex.head_only:
+            self._finish(ex, 200, self._head(ex, 200, fields), 0, "-")
+            return
+        self._finish(ex, 200, self._head(ex, 200, fields) + body, len(body), "-")
 
     def _internal_error(self, ex: _Exchange, reason: Failure) -> None:
         self._log.failure("Error answering {request}", reason, request=wire.printable_bytes(ex.label))
@@ -410,6 +434,7 @@ class HttpSession:
     def _finish(self, ex: _Exchange, status: int, data: bytes, sent: int, cache: str) -> None:
         conn = self._conn
         if conn.transport is None or not conn.connected:
+            conn.gone()
             return
         conn.write_whole(data)
         self._access(ex, str(status), sent, ex.started, cache)
@@ -419,8 +444,7 @@ class HttpSession:
             conn.transport.loseConnection()
 
     def _access(self, ex: _Exchange, status: str, sent: int, started: float, cache: str) -> None:
-        if self._factory.access_log:
-            self._conn.access(ex.label, status, sent, started, cache)
+        self._conn.access(ex.label, status, sent, started, cache)
 
     def _body_sent(self, sent: Sent, ex: _Exchange, status: int, answer: FileAnswer) -> None:
         conn = self._conn

@@ -24,6 +24,7 @@ from filecache.daemon.httphead import MAX_HEADER_LINE, is_request_line, starts_l
 from filecache.daemon.httpkept import KnownRequests, ParsedHeads, ReadyResponses
 from filecache.daemon.httpreply import DateCache
 from filecache.daemon.listing import ListBody, ListResult
+from filecache.daemon.metrics import DaemonMetrics, ReplyFigures
 from filecache.daemon.responder import (
     Reply,
     Responder,
@@ -75,6 +76,7 @@ class FileCacheProtocol(Connection):
             return False
         self._lines += 1
         self.request_arrived()
+        factory.replies.fast_native += 1
         self.write_whole(reply)
         self.resetTimeout()
         return True
@@ -110,7 +112,7 @@ class FileCacheProtocol(Connection):
             # A native connection after all: native lines are shorter.
             self.MAX_LENGTH = FileCacheProtocol.MAX_LENGTH
         self.request_arrived()
-        started = factory.clock.seconds() if factory.access_log else 0.0
+        started = factory.clock.seconds()
         try:
             request = wire.parse_request(line)
             if type(request) is wire.GetRequest and request.offset == 0:
@@ -126,6 +128,7 @@ class FileCacheProtocol(Connection):
             self._log.failure("Error answering {request!r}", request=line[:200])
             reply = error_reply(wire.UNAVAILABLE, "internal error")
         if reply is None:  # QUIT
+            factory.replies.answered(False, "OK", factory.clock.seconds() - started)
             self.transport.loseConnection()
             return
         if isinstance(reply, Deferred):
@@ -156,6 +159,7 @@ class FileCacheProtocol(Connection):
             return
         if self.transport is None or not self.connected:
             reply.body.discard()
+            self.gone()
             return
         body = reply.body
         if isinstance(body, ListBody):
@@ -175,6 +179,7 @@ class FileCacheProtocol(Connection):
 
     def _finish_simple(self, line: bytes, reply: Reply, started: float) -> None:
         if self.transport is None or not self.connected:
+            self.gone()
             return
         self.write_whole(reply.data)
         self.factory.responder.delivered(reply)
@@ -260,6 +265,9 @@ class FileCacheFactory(_ProtocolFactory):
         # their target) and native lines (with their path).
         self.http_plain: KnownRequests[bytes] = KnownRequests()
         self.native_gets: KnownRequests[str] = KnownRequests()
+        self.replies = ReplyFigures()
+        # Set when /metrics is served on this port (L{filecache.daemon.metrics}).
+        self.metrics: DaemonMetrics | None = None
         if admission is None:
             admission = Admission(
                 clock,

@@ -60,7 +60,7 @@ _BUILT_IN_ENDPOINTS = frozenset({"tcp", "unix", "ssl"})
 _DOTTED = re.compile(r"[0-9.]+")
 
 
-def check_endpoint(text: str, description: str, reactor: Any = None) -> None:
+def check_endpoint(text: str, description: str, reactor: Any = None, option: str = "--port") -> None:
     """
     Refuse a C{--port} that cannot work, before anything starts: an unknown
     endpoint type, a port that is not a number from 0 to 65535, an interface
@@ -69,6 +69,7 @@ def check_endpoint(text: str, description: str, reactor: Any = None) -> None:
     listen can tell (port in use, permission) is L{StartupEndpoint}'s.
 
     @param text: C{--port} as given, for the message.
+    @param option: the option it was given to (C{--metrics} takes an endpoint too).
     @param description: the endpoint description made of it.
     @raise ConfigError: saying what is wrong.
     """
@@ -80,7 +81,7 @@ def check_endpoint(text: str, description: str, reactor: Any = None) -> None:
         kind = fields[0]
         if kind not in known:
             raise ConfigError(
-                f"--port {text}: unknown endpoint type {kind!r} "
+                f"{option} {text}: unknown endpoint type {kind!r} "
                 f"(known: {', '.join(sorted(known))}; or a bare port number)"
             )
         if kind != "haproxy" or len(fields) == 1:
@@ -91,11 +92,11 @@ def check_endpoint(text: str, description: str, reactor: Any = None) -> None:
         positional = [field for field in fields[1:] if "=" not in field]
         port = named.get("port", positional[0] if positional else "")
         if not (port.isascii() and port.isdigit() and int(port) <= 65535):
-            raise ConfigError(f"--port {text}: {port!r} is not a port number (0 to 65535)")
+            raise ConfigError(f"{option} {text}: {port!r} is not a port number (0 to 65535)")
         # Digits and dots are meant as an IPv4 address; anything else may be a host name.
         interface = named.get("interface", "")
         if _DOTTED.fullmatch(interface) and not _is_ip_address(interface):
-            raise ConfigError(f"--port {text}: {interface!r} is not an IP address")
+            raise ConfigError(f"{option} {text}: {interface!r} is not an IP address")
     if reactor is None:
         from twisted.internet import reactor
     try:
@@ -104,11 +105,11 @@ def check_endpoint(text: str, description: str, reactor: Any = None) -> None:
         if kind != "systemd":
             raise
         raise ConfigError(
-            f"--port {text}: systemd passed no socket at that index "
+            f"{option} {text}: systemd passed no socket at that index "
             "(start the .socket unit, not the service alone)"
         ) from None
     except (ValueError, TypeError, OSError) as e:
-        raise ConfigError(f"--port {text}: {e}") from None
+        raise ConfigError(f"{option} {text}: {e}") from None
 
 
 def _is_ip_address(text: str) -> bool:

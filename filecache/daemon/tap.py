@@ -5,9 +5,12 @@ The twistd/twist plugin's options and service: C{twistd -n filecache --port
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import signal
+import tempfile
 from typing import Any, ClassVar, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
@@ -20,11 +23,18 @@ from twisted.python import usage
 from filecache.daemon.admission import parse_allow
 from filecache.daemon.cache import POLICIES as CACHE_POLICIES
 from filecache.daemon.cache import make_cache
-from filecache.daemon.config import DaemonConfig, endpoint_description, parse_size
+from filecache.daemon.config import METRICS_OFF, DaemonConfig, endpoint_description, parse_size
 from filecache.daemon.diskwork import DiskWork
 from filecache.daemon.folder import SharedFolder
 from filecache.daemon.freshness import MODES as FRESHNESS_MODES
 from filecache.daemon.freshness import choose_freshness
+from filecache.daemon.metrics import (
+    DaemonMetrics,
+    MetricsListener,
+    SnapshotFolder,
+    SnapshotService,
+    metrics_site,
+)
 from filecache.daemon.native import FileCacheFactory
 from filecache.daemon.responder import Responder
 from filecache.daemon.startup import ConfigError, StartupEndpoint, check_endpoint
@@ -141,6 +151,22 @@ class Options(usage.Options):
             ),
         ],
         [
+            "metrics",
+            None,
+            None,
+            (
+                "Where to serve the Prometheus metrics: an endpoint of their own "
+                "(tcp:9100:interface=127.0.0.1; then only there), or off. Default: "
+                "GET /metrics on the HTTP side of every --port. See docs/operations.md."
+            ),
+        ],
+        [
+            "metrics-dir",
+            None,
+            None,
+            "Internal, used by --workers: the folder where each process writes its metrics snapshot.",
+        ],
+        [
             "trusted-proxy",
             None,
             None,
@@ -239,6 +265,11 @@ class Options(usage.Options):
                 trusted = tuple(parse_allow(self["trusted-proxy"]))
             except ValueError as e:
                 raise ConfigError(f"--trusted-proxy: {e}") from None
+        metrics_text = self["metrics"]
+        metrics = None
+        if metrics_text is not None:
+            metrics_text = metrics_text.strip()
+            metrics = METRICS_OFF if metrics_text.lower() == METRICS_OFF else endpoint_description(metrics_text)
         self.config = DaemonConfig(
             dir=directory,
             cache_size=cache_size,
@@ -259,10 +290,16 @@ class Options(usage.Options):
             allow=allow,
             inherit_fds=tuple(inherit_fds),
             worker_index=_number("--worker-index", self["worker-index"], int),
+            metrics=metrics,
+            metrics_text=metrics_text,
+            metrics_dir=self["metrics-dir"],
         )
         # Last: it may read files (TLS keys) that an error above makes moot.
         for text, port in zip(port_texts, ports):
             check_endpoint(text, port)
+        if metrics is not None and metrics != METRICS_OFF:
+            assert metrics_text is not None
+            check_endpoint(metrics_text, metrics, option="--metrics")
 
 
 def _number(option: str, text: str, kind: type) -> Any:
@@ -358,6 +395,34 @@ class _Announcer(Service):
         self._log.info("filecache stopping")
 
 
+_log = Logger()
+
+
+def _remove_if_orphaned(path: str, parent: int) -> None:
+    if os.getppid() != parent:
+        shutil.rmtree(path, True)
+
+
+def _metrics_folder(config: DaemonConfig) -> str | None:
+    """
+    The folder of the processes' metrics snapshots: a worker's is given;
+    a parent of workers makes one, removed when it exits; else none.
+    """
+    if config.metrics_dir is not None or config.inherit_fds:
+        if config.metrics_dir is not None:
+            # A parent killed outright (SIGKILL) removes nothing: the workers
+            # it leaves behind stop on their own, and remove the folder then.
+            atexit.register(_remove_if_orphaned, config.metrics_dir, os.getppid())
+        return config.metrics_dir
+    if config.workers < 2 or config.metrics == METRICS_OFF:
+        return None
+    path = tempfile.mkdtemp(prefix="filecache-metrics-")
+    # At exit, not at reactor shutdown: a start that fails never runs the reactor.
+    atexit.register(shutil.rmtree, path, True)
+    _log.info("metrics snapshots of the workers in {path}", path=path)
+    return path
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """The daemon: a listener, its factory, and the disk threads."""
     if reactor is None:
@@ -387,6 +452,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         http=config.http,
         trusted_proxies=config.trusted_proxies,
     )
+    metrics_dir = _metrics_folder(config)
+    metrics_listener: Service | None = None
+    if config.metrics != METRICS_OFF or metrics_dir is not None:
+        snapshots = SnapshotFolder(metrics_dir) if metrics_dir is not None else None
+        metrics = DaemonMetrics(responder, factory.admission, factory.replies, clock=reactor, snapshots=snapshots)
+        if config.metrics_on_ports:
+            factory.metrics = metrics
+        if snapshots is not None:
+            SnapshotService(metrics, reactor).setServiceParent(top)
+        if config.metrics not in (None, METRICS_OFF) and not config.inherit_fds:
+            assert config.metrics is not None and config.metrics_text is not None
+            own = StartupEndpoint(serverFromString(reactor, config.metrics), config.metrics_text)
+            metrics_listener = MetricsListener(own, metrics_site(metrics))
     # A PROXY protocol port's connections are admitted by the header's address.
     factories = [factory.behind_proxy() if proxied else factory for proxied in config.proxied]
     # Not strports.service: it makes its endpoint from the string itself, so
@@ -409,13 +487,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                 endpoints,
                 factories,
                 config.workers - 1,
-                config.to_argv(),
+                config.to_argv() + config.worker_metrics_argv(metrics_dir),
                 stop_timeout=config.drain_timeout + 5,
                 proxied=config.proxied,
             )
         ]
     else:
         listeners = [StreamServerEndpointService(endpoint, f) for endpoint, f in zip(endpoints, factories)]
+    if metrics_listener is not None:
+        # After the ports: the log's first "starting on" line is the daemon's port.
+        listeners.append(metrics_listener)
     for listener in listeners:
         listener.setServiceParent(top)
     DrainService(factory, config.drain_timeout, reactor, disk).setServiceParent(top)
