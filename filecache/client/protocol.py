@@ -153,10 +153,12 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
 
     def _reply_done(self) -> None:
         self._current = None
-        self.setTimeout(None)
-        self._pace.stop()
         if self._sent:
+            # The next reply's timers start now: _begin moves them.
             self._begin(self._sent.popleft())
+        else:
+            self.setTimeout(None)
+            self._pace.stop()
         self._next()
 
     def _cancelled(self, op: ReplyReader) -> None:
