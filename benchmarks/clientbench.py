@@ -32,7 +32,13 @@ from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK
 from benchmarks.processes import LOOPBACK, Processes, run_with_servers
 from benchmarks.report import code_state, heading, machine_info
-from benchmarks.servers import Server, filecache_argv, http_server_argv, rclone_argv
+from benchmarks.servers import (
+    Server,
+    filecache_argv,
+    http_server_argv,
+    installed_script,
+    rclone_argv,
+)
 
 HERE = Path(__file__).resolve().parent
 BEGIN = "<!-- client section: written by benchmarks/clientbench.py --write; the rest is kept -->"
@@ -164,7 +170,7 @@ class Tool:
 
 
 def tools(work: Path, logs: Path, tree: Path, args: argparse.Namespace) -> list[Tool]:
-    client = shutil.which("filecache-client")
+    client = installed_script("filecache-client")
     if client is None:
         raise BenchError("filecache-client not found: pip install -e . (in the repository)")
     fc = Server("filecache", "fc", lambda port: filecache_argv(port, tree.parent, args), logs / "filecache.log")

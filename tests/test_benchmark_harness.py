@@ -30,6 +30,7 @@ from benchmarks.servers import (
     TWISTD_WEB,
     Server,
     filecache_options,
+    installed_script,
     make_servers,
     twistd_web_argv,
 )
@@ -186,3 +187,24 @@ def test_server_leaves_dev_null_a_character_device(
     server.stop(processes)
     assert _is_char_device(os.devnull), f"{os.devnull} is no longer a character device"
     assert sorted(Path(os.devnull).parent.glob("null*")) == before
+
+
+def test_the_benchmarks_run_the_scripts_of_their_own_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A venv's python run by its full path leaves PATH alone: the benchmarks
+    take twistd and filecache-client from beside that python, not the first
+    on PATH (another install of filecache); without one there, from PATH.
+    """
+    venv, elsewhere = tmp_path / "venv" / "bin", tmp_path / "elsewhere"
+    for folder in (venv, elsewhere):
+        folder.mkdir(parents=True)
+        for name in ("filecache-client", "twistd"):
+            (folder / name).write_text("#!/bin/sh\n")
+            (folder / name).chmod(0o755)
+    (elsewhere / "only-here").write_text("#!/bin/sh\n")
+    (elsewhere / "only-here").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv / "python3"))
+    monkeypatch.setenv("PATH", str(elsewhere))
+    assert installed_script("filecache-client") == str(venv / "filecache-client")
+    assert installed_script("twistd") == str(venv / "twistd")
+    assert installed_script("only-here") == str(elsewhere / "only-here")
