@@ -5,11 +5,12 @@ the reactor with SIGINT and SIGTERM handled, exit with its status.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -97,14 +98,31 @@ def load_reactor(tls: bool) -> Any:
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script."""
     try:
-        _main(argv)
+        status = _main(argv)
     except KeyboardInterrupt:
         # Ctrl-C before drive() took SIGINT over (while starting up).
         say(sys.stderr, "interrupted by SIGINT")
         raise SystemExit(EXIT_SIGNAL_BASE + signal.SIGINT) from None
+    exit_at_once(status)
 
 
-def _main(argv: Sequence[str] | None) -> None:
+def exit_at_once(status: int) -> NoReturn:
+    """
+    End the process with C{status} now, stdout and stderr flushed.  The run
+    is over: every file it wrote is closed, the reactor has stopped and
+    joined its threads.  Python's own exit would then take apart every
+    module and object of the run, which took about 0.1 s of a 0.5 s re-run
+    of the benchmark's mirror (measured 2026-12-02).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # nothing more can be said there
+    os._exit(status)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         inv = Invocation(args)
@@ -113,6 +131,8 @@ def _main(argv: Sequence[str] | None) -> None:
         raise SystemExit(EXIT_USAGE) from None
 
     reactor = load_reactor(inv.tls)
+    # What the imports made lives until the end: out of the collector's way.
+    gc.freeze()
     status = drive(reactor, inv, sys.stdout, sys.stderr)
     try:
         sys.stdout.flush()
@@ -124,5 +144,4 @@ def _main(argv: Sequence[str] | None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    if status:
-        raise SystemExit(status)
+    return status
