@@ -275,6 +275,10 @@ def render(args: argparse.Namespace, info: list[tuple[str, str]], found: list[To
     out += ["", "| target (issue 11) | figure | met |", "|---|---|---|"]
     if a is not None and b:
         out.append(f"| (a) <= {TARGET_RATIO} x (b) | {a / b:.2f} x | {'yes' if a / b <= TARGET_RATIO else '**no**'} |")
+        if rc is not None and len(fc.copy) == len(rc.copy) > 1:
+            # The medians may come from different rounds: the same round's ratios show the spread.
+            rounds = ", ".join(f"{x / y:.2f}" for x, y in zip(fc.copy, rc.copy))
+            out.append(f"| (a) / (b), round by round | {rounds} | (the spread) |")
     else:
         out.append(f"| (a) <= {TARGET_RATIO} x (b) | - | ? |")
     if d is not None:
