@@ -32,7 +32,13 @@ from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK
 from benchmarks.processes import LOOPBACK, Processes, run_with_servers
 from benchmarks.report import code_state, heading, machine_info
-from benchmarks.servers import Server, filecache_argv, http_server_argv, rclone_argv
+from benchmarks.servers import (
+    Server,
+    filecache_argv,
+    http_server_argv,
+    installed_script,
+    rclone_argv,
+)
 
 HERE = Path(__file__).resolve().parent
 BEGIN = "<!-- client section: written by benchmarks/clientbench.py --write; the rest is kept -->"
@@ -164,7 +170,7 @@ class Tool:
 
 
 def tools(work: Path, logs: Path, tree: Path, args: argparse.Namespace) -> list[Tool]:
-    client = shutil.which("filecache-client")
+    client = installed_script("filecache-client")
     if client is None:
         raise BenchError("filecache-client not found: pip install -e . (in the repository)")
     fc = Server("filecache", "fc", lambda port: filecache_argv(port, tree.parent, args), logs / "filecache.log")
@@ -269,6 +275,10 @@ def render(args: argparse.Namespace, info: list[tuple[str, str]], found: list[To
     out += ["", "| target (issue 11) | figure | met |", "|---|---|---|"]
     if a is not None and b:
         out.append(f"| (a) <= {TARGET_RATIO} x (b) | {a / b:.2f} x | {'yes' if a / b <= TARGET_RATIO else '**no**'} |")
+        if rc is not None and len(fc.copy) == len(rc.copy) > 1:
+            # The medians may come from different rounds: the same round's ratios show the spread.
+            rounds = ", ".join(f"{x / y:.2f}" for x, y in zip(fc.copy, rc.copy))
+            out.append(f"| (a) / (b), round by round | {rounds} | (the spread) |")
     else:
         out.append(f"| (a) <= {TARGET_RATIO} x (b) | - | ? |")
     if d is not None:

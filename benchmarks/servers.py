@@ -92,8 +92,21 @@ class Server:
         return self.proc is not None and exit_status(self.proc) is None
 
 
+def installed_script(name: str) -> str | None:
+    """
+    The console script C{name} of the Python running the benchmark (a
+    virtualenv's bin/), else the first on PATH: a venv's python run by its
+    full path leaves PATH alone, and the first twistd or filecache-client
+    there may belong to another install of filecache.
+    """
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which(name)
+
+
 def twistd() -> str:
-    path = shutil.which("twistd")
+    path = installed_script("twistd")
     if not path:
         raise BenchError("twistd not found: pip install -e . (in the repository)")
     return path

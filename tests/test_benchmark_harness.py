@@ -30,6 +30,7 @@ from benchmarks.servers import (
     TWISTD_WEB,
     Server,
     filecache_options,
+    installed_script,
     make_servers,
     twistd_web_argv,
 )
@@ -186,3 +187,46 @@ def test_server_leaves_dev_null_a_character_device(
     server.stop(processes)
     assert _is_char_device(os.devnull), f"{os.devnull} is no longer a character device"
     assert sorted(Path(os.devnull).parent.glob("null*")) == before
+
+
+def test_the_benchmarks_run_the_scripts_of_their_own_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A venv's python run by its full path leaves PATH alone: the benchmarks
+    take twistd and filecache-client from beside that python, not the first
+    on PATH (another install of filecache); without one there, from PATH.
+    """
+    venv, elsewhere = tmp_path / "venv" / "bin", tmp_path / "elsewhere"
+    for folder in (venv, elsewhere):
+        folder.mkdir(parents=True)
+        for name in ("filecache-client", "twistd"):
+            (folder / name).write_text("#!/bin/sh\n")
+            (folder / name).chmod(0o755)
+    (elsewhere / "only-here").write_text("#!/bin/sh\n")
+    (elsewhere / "only-here").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv / "python3"))
+    monkeypatch.setenv("PATH", str(elsewhere))
+    assert installed_script("filecache-client") == str(venv / "filecache-client")
+    assert installed_script("twistd") == str(venv / "twistd")
+    assert installed_script("only-here") == str(elsewhere / "only-here")
+
+
+def test_the_client_report_shows_each_rounds_ratio_beside_the_ratio_of_medians() -> None:
+    """
+    The medians of (a) and (b) can come from different rounds (0.63 x
+    here, though the rounds' own ratios were 0.55, 0.94 and 0.82): the
+    report says the ratio of each round too.
+    """
+    from benchmarks import clientbench
+
+    args = clientbench.parse_args([])
+    tools = [
+        clientbench.Tool("(a) filecache-client get -r", None, lambda dest, port: [], True),
+        clientbench.Tool("(b) rclone copy", None, lambda dest, port: [], True),
+    ]
+    results = {
+        tools[0].label: clientbench.Timing([1.18, 1.13, 1.54], [0.42, 0.42, 0.52]),
+        tools[1].label: clientbench.Timing([2.13, 1.20, 1.88], [0.42, 0.33, 0.32]),
+    }
+    report = clientbench.render(args, [("date", "today")], tools, results, {})
+    assert "| (a) <= 0.7 x (b) | 0.63 x | yes |" in report
+    assert "| (a) / (b), round by round | 0.55, 0.94, 0.82 |" in report

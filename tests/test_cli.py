@@ -524,3 +524,26 @@ def test_ctrl_c_mid_mirror_then_the_same_get_resumes_and_finishes_identical(
     assert copied.pop(".filecache-client-state.json")
     assert copied == files
 
+
+
+_IMPORTS = """
+import sys
+from filecache.client.cli import load_reactor
+load_reactor({tls})
+from twisted.internet import endpoints
+print("OpenSSL" in sys.modules, endpoints.TLSMemoryBIOFactory is not None)
+"""
+
+
+@pytest.mark.system
+@pytest.mark.parametrize(("tls", "expected"), [(False, "False False"), (True, "True True")])
+def test_the_reactor_is_loaded_without_pyopenssl_unless_tls_is_asked_for(tls: bool, expected: str) -> None:
+    """
+    Without --tls the client's start does not import pyOpenSSL (nor the TLS
+    endpoints that need it); with --tls both are there.  A fresh interpreter
+    each, since a process imports the reactor once.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS.format(tls=tls)], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == expected.split()

@@ -263,6 +263,27 @@ def test_a_small_body_is_written_in_one_step_without_a_sidecar(tmp_path: Path) -
     assert info is not None and info.version == VERSION and again.have() == 2
 
 
+def test_a_partial_file_someone_puts_there_during_a_small_download_is_left_alone(tmp_path: Path) -> None:
+    """
+    claim found the names free; a file put under the partial file's name
+    while the body came is someone else's: commit fails, and neither that
+    file nor a sidecar put beside it is truncated or removed.
+    """
+    final = tmp_path / "f.bin"
+    sink = PartFile(str(final), "f.bin", Progress())
+    sink.claim()
+    sink.prepare(0, None)
+    sink.begin(4, VERSION)
+    sink.write(b"data")
+    part, meta = tmp_path / ".f.bin.filecache-part", tmp_path / ".f.bin.filecache-part.json"
+    part.write_bytes(b"theirs")
+    meta.write_bytes(b"theirs too")
+    with pytest.raises(LocalError, match="not left by filecache-client"):
+        sink.commit()
+    assert part.read_bytes() == b"theirs" and meta.read_bytes() == b"theirs too"
+    assert not final.exists()
+
+
 def test_the_stdout_sink_hashes_across_a_resume_and_refuses_another_version() -> None:
     """StdoutSink writes as bytes come, hashes all it wrote, and a second part of another version is refused."""
     stream = io.BytesIO()

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from filecache import wire
@@ -397,3 +398,36 @@ def test_list_bytes_count_each_row_as_it_came(
     else:
         assert not transport.disconnecting
         assert len(seen[0]) == 3
+
+
+def test_pipelined_replies_move_their_timers_instead_of_making_new_ones() -> None:
+    """
+    Eight pipelined HASHes: each reply's timers (the silence timeout and
+    the pace rule) are moved on to the next reply, not cancelled and made
+    again, so two timers are made for all of them; none is left once the
+    last reply is in, and a reply that never comes still times out.
+    """
+    clock = Clock()
+    made: list[float] = []
+    call_later = clock.callLater
+
+    def counting(delay: float, f: Any, *args: Any) -> Any:
+        made.append(delay)
+        return call_later(delay, f, *args)
+
+    clock.callLater = counting  # type: ignore[method-assign,assignment]
+    proto = FileCacheClientProtocol(timeout=5, clock=clock, pipeline=8)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    digest = "0" * 64
+    seen = [outcome(proto.hash(f"f{n}.bin")) for n in range(8)]
+    proto.dataReceived(b"".join(b"OK 1 %s %s\r\n" % (VERSION.encode(), digest.encode()) for _ in range(7)))
+    assert [len(s) for s in seen] == [1] * 7 + [0]
+    assert len(made) == 2
+    proto.dataReceived(b"OK 1 %s %s\r\n" % (VERSION.encode(), digest.encode()))
+    assert clock.getDelayedCalls() == []
+    proto.hash("g.bin")
+    clock.advance(4.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting

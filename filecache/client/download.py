@@ -82,6 +82,7 @@ async def fetch(
     replacing: Stamp | None = None,
     progress: Callable[[], Progress] = Progress,
     folders: Folders | None = None,
+    absent: bool = False,
 ) -> tuple[str, Download]:
     """
     Download shared C{path} into C{folder}; return the saved file's name and
@@ -97,7 +98,9 @@ async def fetch(
 
     With C{replacing}, the file under the final name may be replaced if
     it still has that stamp (L{Local.OUTDATED}: the older version this
-    client saved).
+    client saved).  C{absent}: the caller has just found nothing under the
+    final name, so it is not looked at again here (the move into place
+    still refuses anything that appeared there since).
 
     @raise LocalError: unsafe name, existing destination without C{force},
         someone else's file under our temporary names, or a local error.
@@ -106,7 +109,7 @@ async def fetch(
     @raise ConnectionLostEarly: the connection was lost past the retries.
     """
     final = destination(folder, path)
-    if os.path.lexists(final) and not force and replacing is None:
+    if not absent and os.path.lexists(final) and not force and replacing is None:
         raise LocalError(f"{final} exists (use --force to overwrite)")
     created = make_parents(folder, path, folders)
     if folders is not None:
@@ -114,7 +117,7 @@ async def fetch(
         folders.made.extend(created)
         created = []
     try:
-        if os.path.isdir(final):
+        if not absent and os.path.isdir(final):
             raise LocalError(f"{final} is a folder")
         sink = PartFile(final, path, progress(), force=force, replacing=replacing)
         sink.claim()

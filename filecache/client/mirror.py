@@ -211,6 +211,7 @@ class Mirror:
                 replacing=stamp_of(st) if verdict is Local.OUTDATED and st is not None else None,
                 progress=lambda: self.report.progress(job, lane),
                 folders=self._folders,
+                absent=verdict is Local.ABSENT,
             )
             self.digests.remember(job.path, saved, result.digest)
             self.report.end(job, FETCHED, result.size, saved)

@@ -33,6 +33,7 @@ class Pace:
         self._period = period
         self._give_up = give_up
         self._call: IDelayedCall | None = None
+        self._then: Callable[[], None] = self._no_status
         self._bytes = 0
 
     def request_sent(self) -> None:
@@ -50,17 +51,26 @@ class Pace:
         self._call = None
 
     def _start(self, then: Callable[[], None]) -> None:
-        self.stop()
         self._bytes = 0
-        if self._period is not None:
-            self._call = self._call_later(self._period, then)
+        self._then = then
+        if self._period is None:
+            return
+        if self._call is not None and self._call.active():
+            # Moved, not cancelled and made again: a pipelined lane starts a
+            # window several times per small file, and a later time is only
+            # noted by the reactor, where a new call is pushed on its heap.
+            self._call.reset(self._period)
+        else:
+            self._call = self._call_later(self._period, self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        self._then()
 
     def _no_status(self) -> None:
-        self._call = None
         self._give_up("timed out waiting for the server")
 
     def _window_ended(self) -> None:
-        self._call = None
         if self._bytes < MIN_PROGRESS:
             self._give_up(
                 f"the server is too slow: under {MIN_PROGRESS // 1024} KiB "

@@ -107,6 +107,8 @@ class PartFile:
         self._offset = 0
         self._expect_version: str | None = None
         self._owned = False
+        self._sidecar_seen = False
+        """Whether claim found a sidecar (ours or, with --force, one commit removes)."""
         self._info: PartInfo | None = None
         # A small body, whole in memory until commit (SMALL_BODY).
         self._held: bytearray | None = None
@@ -147,6 +149,7 @@ class PartFile:
         """
         there, self._info = self._read_meta()
         self._owned = self._info is not None
+        self._sidecar_seen = there
         if self._force or self._owned:
             return
         if there:
@@ -290,7 +293,9 @@ class PartFile:
             raise LocalError(f"{self.final} exists (use --force to overwrite)") from None
         except OSError as e:
             raise LocalError(f"cannot rename {self.part}: {e.strerror}") from None
-        self._remove(self.meta)
+        if self._owned or self._sidecar_seen:
+            # Else no sidecar was there, and none of ours since: none to remove.
+            self._remove(self.meta)
 
     def _still_replacing(self) -> bool:
         """Whether the final name holds what it held when it was found outdated (or nothing)."""
@@ -320,15 +325,29 @@ class PartFile:
         held, self._held, self._held_info = self._held, None, None
         assert held is not None
         try:
-            if not self._owned and self._force:
-                self._unlink_foreign()
-            fresh = os.O_TRUNC if os.path.lexists(self.part) else os.O_EXCL
-            fd = _open_regular(self.part, os.O_WRONLY | os.O_CREAT | fresh)
+            if self._owned or self._force:
+                if not self._owned:
+                    self._unlink_foreign()
+                fresh = os.O_TRUNC if os.path.lexists(self.part) else os.O_EXCL
+                fd = _open_regular(self.part, os.O_WRONLY | os.O_CREAT | fresh)
+            else:
+                # claim found neither a partial file nor a sidecar, and
+                # O_EXCL makes sure the name is still free.  What it makes
+                # (with O_NOFOLLOW) is a new regular file: no fstat needed.
+                fresh = os.O_EXCL
+                fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_SURPRISES, 0o644)
+        except FileExistsError:
+            raise LocalError(f"{self.part} was not left by filecache-client (remove it, or use --force)") from None
         except OSError as e:
             raise LocalError(f"cannot write {self.part}: {e.strerror}") from None
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(held)
+            try:
+                # os.write, not a file object: no fstat, ioctl and lseek per small file.
+                view = memoryview(held)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
         except OSError as e:
             if fresh == os.O_EXCL and not self._owned:
                 self._remove(self.part)  # made just now, and with no sidecar it would look foreign

@@ -6,6 +6,7 @@ request at a time and hands each reply's lines to that request's reader.
 from __future__ import annotations
 
 import builtins
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -152,10 +153,12 @@ class FileCacheClientProtocol(LineReceiver, TimeoutMixin):
 
     def _reply_done(self) -> None:
         self._current = None
-        self.setTimeout(None)
-        self._pace.stop()
         if self._sent:
+            # The next reply's timers start now: _begin moves them.
             self._begin(self._sent.popleft())
+        else:
+            self.setTimeout(None)
+            self._pace.stop()
         self._next()
 
     def _cancelled(self, op: ReplyReader) -> None:
@@ -269,6 +272,10 @@ def _lost_text(op: ReplyReader | None) -> str:
 
 
 def _tls_error(reason: Failure) -> str | None:
+    if "OpenSSL" not in sys.modules:
+        # No TLS in this process (cli.load_reactor): nothing to look for,
+        # and no import of pyOpenSSL at every connection's end.
+        return None
     try:
         from OpenSSL import SSL
     except ImportError:  # pragma: no cover - TLS extra not installed
