@@ -30,6 +30,7 @@ from filecache.daemon.listing import ListResult, SteppedBody
 from filecache.daemon.sockets import (
     describe_peer,
     direct_socket,
+    is_tcp,
     plain_socket,
     unsent_bytes,
     unwrapped,
@@ -104,6 +105,7 @@ class Connection(LineReceiver, TimeoutMixin):
         # The plain socket under the transport (TLS included), for asking
         # the kernel whether a slow reader is still reading.
         self._queue_socket: socket.socket | None = None
+        self._queue_tcp = False
         self._unsent: int | None = None
         self._pending: Deferred[Any] | None = None
         self._gate = _SendBufferGate(self)
@@ -145,6 +147,7 @@ class Connection(LineReceiver, TimeoutMixin):
         # What write_now writes to: beneath a PROXY wrapper when the socket is ours to write.
         self._writer = unwrapped(self.transport) if self._socket is not None else self.transport
         self._queue_socket = plain_socket(self.transport)
+        self._queue_tcp = self._queue_socket is not None and is_tcp(self._queue_socket)
         self.peer = describe_peer(self.transport.getPeer())
         if not self.behind_proxy:
             factory.admission.opened(self, host_of(self.transport.getPeer()))
@@ -238,12 +241,12 @@ class Connection(LineReceiver, TimeoutMixin):
     def _progressed(self) -> None:
         """A reply made a step: restart the timer, note the kernel's queue."""
         self.resetTimeout()
-        self._unsent = unsent_bytes(self._queue_socket)
+        self._unsent = unsent_bytes(self._queue_socket, self._queue_tcp)
 
     def timeoutConnection(self) -> None:
         stuck = self._replying or self._backpressure
         if stuck and self._pending is None:
-            unsent = unsent_bytes(self._queue_socket)
+            unsent = unsent_bytes(self._queue_socket, self._queue_tcp)
             if unsent is not None and self._unsent is not None and unsent < self._unsent:
                 # The kernel's queue shrank: the client is reading, only
                 # slower than the socket reports writability.
@@ -287,7 +290,7 @@ class Connection(LineReceiver, TimeoutMixin):
         return body.send(
             self._start_stream(head),
             on_progress=self._progressed,
-            unsent=lambda: unsent_bytes(self._queue_socket),
+            unsent=lambda: unsent_bytes(self._queue_socket, self._queue_tcp),
             call_later=self.factory.clock.callLater,
         )
 

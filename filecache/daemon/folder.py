@@ -9,6 +9,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from filecache.daemon.folders import OpenedFolder
@@ -68,7 +69,7 @@ class FileStat:
     def of(cls, st: os.stat_result) -> FileStat:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    @property
+    @cached_property
     def version(self) -> str:
         """The opaque token that changes whenever the content may have changed."""
         return _token(self.ino, self.size, self.mtime_ns, self.ctime_ns)

@@ -155,6 +155,12 @@ _DATE_FORMS = [  # IMF-fixdate, RFC 850, asctime (RFC 9110 5.6.7), case-sensitiv
 
 def http_date(seconds: float) -> str:
     """Unix C{seconds} as an IMF-fixdate: C{Sun, 06 Nov 1994 08:49:37 GMT}."""
+    return _http_date(int(seconds))
+
+
+@lru_cache(maxsize=4096)
+def _http_date(seconds: int) -> str:
+    # Files' modification times repeat from request to request.
     return formatdate(seconds, usegmt=True)
 
 

@@ -29,7 +29,7 @@ def describe_peer(address: IAddress) -> str:
     return name or type(address).__name__
 
 
-def unsent_bytes(sock: socket.socket | None) -> int | None:
+def unsent_bytes(sock: socket.socket | None, tcp: bool | None = None) -> int | None:
     """
     The bytes still waiting in the kernel's send queue of C{sock}
     (C{SIOCOUTQ}, Linux), or C{None} where that cannot be asked or the
@@ -41,18 +41,21 @@ def unsent_bytes(sock: socket.socket | None) -> int | None:
     """
     if sock is None:
         return None
+    if tcp is None:
+        tcp = is_tcp(sock)
     try:
-        if (
-            _TCP_INFO is not None
-            and sock.family in (socket.AF_INET, socket.AF_INET6)
-            and sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] not in _OPEN
-        ):
+        if tcp and _TCP_INFO is not None and sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] not in _OPEN:
             return None
         raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     except (OSError, ValueError):
         return None
     value: int = struct.unpack("i", raw)[0]
     return value
+
+
+def is_tcp(sock: socket.socket) -> bool:
+    """Whether C{sock} is a TCP socket (asked once per connection: the family is an enum made per call)."""
+    return sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
