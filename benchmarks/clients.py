@@ -5,6 +5,7 @@ and run once per measurement, and two readers of a directory listing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,7 +31,11 @@ def build_loadgen() -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise BenchError("no C compiler: apt-get install -y gcc")
-    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
+    # Built from exactly this source (its SHA-256 beside the binary): a
+    # binary newer than the source may still be another checkout's.
+    source = hashlib.sha256(LOADGEN_SRC.read_bytes()).hexdigest()
+    stamp = LOADGEN.with_suffix(".sha256")
+    if LOADGEN.exists() and stamp.exists() and stamp.read_text() == source:
         return
     BUILD.mkdir(exist_ok=True)
     argv = [cc, "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(LOADGEN), str(LOADGEN_SRC)]
@@ -40,6 +45,7 @@ def build_loadgen() -> None:
         sys.stderr.write(done.stderr)
     if done.returncode != 0:
         raise BenchError("the load generator did not build")
+    stamp.write_text(source)
 
 
 def loadgen(
