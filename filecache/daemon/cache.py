@@ -99,11 +99,12 @@ class ICache(Interface):
         """The number of entries."""
 
 
-@implementer(ICache)
-class FifoCache:
+class _Budget:
     """
-    L{ICache} evicting in order of insertion: a hit does not move an entry,
-    and a changed file is re-inserted as the newest.
+    What every L{ICache} here shares: the byte budget with each entry's
+    overhead, reservations made before a file's bytes are read, and the
+    counters.  A subclass keeps the entries and says which leaves first
+    (C{_make_room}).
     """
 
     def __init__(self, capacity: int, entry_overhead: int = ENTRY_OVERHEAD) -> None:
@@ -118,20 +119,6 @@ class FifoCache:
         self.misses = 0
         self.evictions = 0
         self.on_drop: Callable[[str, CacheEntry], None] | None = None
-        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
-
-    def lookup(self, path: str, version: str) -> CacheEntry | None:
-        entry = self._entries.get(path)
-        if entry is not None:
-            if entry.version == version:
-                self.hits += 1
-                return entry
-            self._drop(path)
-        self.misses += 1
-        return None
-
-    def peek(self, path: str) -> CacheEntry | None:
-        return self._entries.get(path)
 
     def admits(self, size: int) -> bool:
         return size + self.entry_overhead <= self.capacity
@@ -149,6 +136,34 @@ class FifoCache:
         needed = size + self.entry_overhead
         self.reserved -= needed
         self.used -= needed
+
+    def _make_room(self, needed: int) -> None:
+        raise NotImplementedError
+
+
+@implementer(ICache)
+class FifoCache(_Budget):
+    """
+    L{ICache} evicting in order of insertion: a hit does not move an entry,
+    and a changed file is re-inserted as the newest.
+    """
+
+    def __init__(self, capacity: int, entry_overhead: int = ENTRY_OVERHEAD) -> None:
+        super().__init__(capacity, entry_overhead)
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+
+    def lookup(self, path: str, version: str) -> CacheEntry | None:
+        entry = self._entries.get(path)
+        if entry is not None:
+            if entry.version == version:
+                self.hits += 1
+                return entry
+            self._drop(path)
+        self.misses += 1
+        return None
+
+    def peek(self, path: str) -> CacheEntry | None:
+        return self._entries.get(path)
 
     def _make_room(self, needed: int) -> None:
         while self.used + needed > self.capacity and self._entries:
@@ -201,26 +216,16 @@ class _Node:
         self.older: _Node | None = None
 
 
-class _PolicyCache:
+class _PolicyCache(_Budget):
     """
-    The byte budget, reservations and counters that every policy shares;
-    a subclass decides where a new entry goes, what a hit records, and
-    which entry leaves when room is needed.  A hit is one dict lookup and
-    one attribute write: it is on the path of every cached request.
+    The entries of a policy other than FIFO, as linked nodes: a subclass
+    decides where a new entry goes, what a hit records, and which entry
+    leaves when room is needed.  A hit is one dict lookup and one
+    attribute write: it is on the path of every cached request.
     """
 
     def __init__(self, capacity: int, entry_overhead: int = ENTRY_OVERHEAD) -> None:
-        if capacity < 0:
-            raise ValueError("capacity must not be negative")
-        self.capacity = capacity
-        self.entry_overhead = entry_overhead
-        self.size = 0
-        self.used = 0
-        self.reserved = 0
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self.on_drop: Callable[[str, CacheEntry], None] | None = None
+        super().__init__(capacity, entry_overhead)
         self._nodes: dict[str, _Node] = {}
 
     # What a policy provides.
@@ -259,23 +264,6 @@ class _PolicyCache:
     def peek(self, path: str) -> CacheEntry | None:
         node = self._nodes.get(path)
         return None if node is None else node.entry
-
-    def admits(self, size: int) -> bool:
-        return size + self.entry_overhead <= self.capacity
-
-    def reserve(self, size: int) -> bool:
-        needed = size + self.entry_overhead
-        if self.reserved + needed > self.capacity:
-            return False
-        self._make_room(needed)
-        self.reserved += needed
-        self.used += needed
-        return True
-
-    def release(self, size: int) -> None:
-        needed = size + self.entry_overhead
-        self.reserved -= needed
-        self.used -= needed
 
     def insert(self, path: str, entry: CacheEntry) -> bool:
         old = self._nodes.get(path)
