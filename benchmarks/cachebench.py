@@ -13,9 +13,7 @@ SieveCache in this process; (b) the issue's workload against a real
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
 import shutil
 import socket
@@ -34,11 +32,10 @@ from benchmarks.clients import LOADGEN, build_loadgen
 from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK
 from benchmarks.processes import LOOPBACK, Processes, run_with_servers
-from benchmarks.report import code_state
+from benchmarks.report import run_info, write_section
 from benchmarks.servers import MAX_PER_IP, Server, twistd
 from filecache.daemon.cache import POLICIES, CacheEntry, ICache, make_cache
 
-HERE = Path(__file__).resolve().parent
 BEGIN = "<!-- cache policies section: written by benchmarks/cachebench.py --write; the rest is kept -->"
 END = "<!-- end of the cache policies section -->"
 
@@ -380,14 +377,6 @@ def render(args: argparse.Namespace, info: list[tuple[str, str]], trace_results:
     return "\n".join(out) + "\n"
 
 
-def merge(old: str, section: str) -> str:
-    """results.md with its cache policies section replaced by C{section} (or added at the end)."""
-    before, marker, rest = old.partition(BEGIN)
-    if not marker:
-        return old.rstrip("\n") + "\n\n" + section
-    return before + section + rest.partition(END)[2].lstrip("\n")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trace-only", action="store_true", help="only (a), the in-process trace replay")
@@ -404,17 +393,7 @@ def main(argv: list[str]) -> int:
     logs.mkdir(parents=True)
 
     def body(procs: Processes) -> int:
-        import twisted
-
-        code = code_state()
-        info = [
-            ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-            ("commit", code),
-            ("cores (nproc)", str(len(os.sched_getaffinity(0)))),
-            ("kernel", platform.release()),
-            ("python", platform.python_version()),
-            ("twisted", twisted.__version__),
-        ]
+        info = run_info()
         trace_results, costs = run_trace(args.seed)
         daemons = []
         if not args.trace_only:
@@ -431,9 +410,7 @@ def main(argv: list[str]) -> int:
         report = render(args, info, trace_results, costs, daemons)
         sys.stdout.write(report)
         if args.write:
-            md = HERE / "results.md"
-            md.write_text(merge(md.read_text() if md.exists() else "", report))
-            say(f"wrote {md}")
+            write_section(report, BEGIN, END)
         return 0
 
     return run_with_servers(body)

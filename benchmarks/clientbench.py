@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK
 from benchmarks.processes import LOOPBACK, Processes, run_with_servers
-from benchmarks.report import code_state, heading, machine_info
+from benchmarks.report import code_state, heading, run_info, write_section
 from benchmarks.servers import (
     Server,
     filecache_argv,
@@ -40,7 +40,6 @@ from benchmarks.servers import (
     rclone_argv,
 )
 
-HERE = Path(__file__).resolve().parent
 BEGIN = "<!-- client section: written by benchmarks/clientbench.py --write; the rest is kept -->"
 END = "<!-- end of the client section -->"
 
@@ -302,14 +301,6 @@ def render(args: argparse.Namespace, info: list[tuple[str, str]], found: list[To
     return "\n".join(out) + "\n"
 
 
-def merge(old: str, section: str) -> str:
-    """results.md with its client section replaced by C{section} (or added at the end)."""
-    before, marker, rest = old.partition(BEGIN)
-    if not marker:
-        return old.rstrip("\n") + "\n\n" + section
-    return before + section + rest.partition(END)[2].lstrip("\n")
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     work = WORK / "client"
@@ -321,15 +312,12 @@ def main(argv: list[str]) -> int:
         tree = make_tree(work / ("quick" if args.quick else "full"), args.shape)
         code = code_state()
         found, results, sweep = measure(args, procs, work, logs, tree)
-        keep = ("date", "commit", "cores (nproc)", "CPU", "kernel", "python", "twisted")
-        info = [(k, v) for k, v in machine_info(args, code) if k in keep]
+        info = run_info(code)
         info.append(("rclone", subprocess.run(["rclone", "version"], capture_output=True, text=True, check=False).stdout.split("\n")[0] if shutil.which("rclone") else "not installed"))
         report = render(args, info, found, results, sweep)
         sys.stdout.write(report)
         if args.write:
-            md = HERE / "results.md"
-            md.write_text(merge(md.read_text() if md.exists() else "", report))
-            say(f"wrote {md}")
+            write_section(report, BEGIN, END)
         return 0
 
     return run_with_servers(body)

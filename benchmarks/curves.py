@@ -12,9 +12,7 @@ files; nginx: autoindex).  See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import resource
 import shutil
 import socket
@@ -29,11 +27,10 @@ from benchmarks.clients import build_loadgen, fc_list, http_get_all, loadgen
 from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK, make_dataset
 from benchmarks.processes import LOOPBACK, Processes, run_with_servers
-from benchmarks.report import code_state
+from benchmarks.report import run_info, write_section
 from benchmarks.resources import RssSampler, process_tree, status_kib
 from benchmarks.servers import NGINX_CONF, Server, filecache_argv, find_nginx
 
-HERE = Path(__file__).resolve().parent
 IDLE_COUNTS = (0, 1_000, 5_000, 10_000)
 FOLDER_SIZES = (10_000, 100_000, 1_000_000)
 FD_LIMIT = min(65_536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
@@ -224,13 +221,6 @@ def render(info: list[tuple[str, str]], conns: dict[str, list[dict[str, Any]]], 
     return "\n".join(out) + "\n"
 
 
-def merge(old: str, section: str) -> str:
-    before, marker, rest = old.partition(BEGIN)
-    if not marker:
-        return old.rstrip("\n") + "\n\n" + section
-    return before + section + rest.partition(END)[2].lstrip("\n")
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 s per timed run instead of 5")
@@ -247,19 +237,12 @@ def main(argv: list[str]) -> int:
     logs.mkdir(parents=True)
 
     def body(procs: Processes) -> int:
-        import twisted
-
         raise_own_fd_limit()
         build_loadgen()
         ds = make_dataset(False)
         nginx = find_nginx()
         info = [
-            ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-            ("commit", code_state()),
-            ("cores (nproc)", str(len(os.sched_getaffinity(0)))),
-            ("kernel", platform.release()),
-            ("python", platform.python_version()),
-            ("twisted", twisted.__version__),
+            *run_info(),
             ("nginx", "tuned: one worker, sendfile, open_file_cache max=10000, worker_connections 20000"
              if nginx else "not installed"),
             ("timed runs", f"{duration} s each, one round"),
@@ -280,9 +263,7 @@ def main(argv: list[str]) -> int:
         report = render(info, conns, folders)
         sys.stdout.write(report)
         if args.write:
-            md = HERE / "results.md"
-            md.write_text(merge(md.read_text() if md.exists() else "", report))
-            say(f"wrote {md}")
+            write_section(report, BEGIN, END)
         return 0
 
     return run_with_servers(body)

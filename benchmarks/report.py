@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.console import say
 from benchmarks.servers import (
     CACHE_BYTES,
     FILECACHE,
@@ -25,6 +26,8 @@ from benchmarks.servers import (
     twistd,
 )
 from benchmarks.workloads import WORKLOADS, Run
+
+HERE = Path(__file__).resolve().parent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,6 +113,44 @@ def code_state() -> str:
     )
 
 
+def run_info(code: str | None = None) -> list[tuple[str, str]]:
+    """The rows every benchmark report opens with: when, which code, which machine."""
+    import twisted
+
+    return [
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("commit", code if code is not None else code_state()),
+        ("cores (nproc)", str(len(os.sched_getaffinity(0)))),
+        ("CPU", cpu_model()),
+        ("kernel", platform.release()),
+        ("python", platform.python_version()),
+        ("twisted", twisted.__version__),
+    ]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
+def write_section(section: str, begin: str, end: str) -> None:
+    """benchmarks/results.md with the section between C{begin} and C{end} replaced by C{section}."""
+    md = HERE / "results.md"
+    md.write_text(replace_section(md.read_text() if md.exists() else "", section, begin, end))
+    say(f"wrote {md}")
+
+
+def replace_section(old: str, section: str, begin: str, end: str) -> str:
+    """C{old} with its section from C{begin} to C{end} replaced by C{section} (or added at the end)."""
+    before, marker, rest = old.partition(begin)
+    if not marker:
+        return old.rstrip("\n") + "\n\n" + section
+    return before + section + rest.partition(end)[2].lstrip("\n")
+
+
 def machine_info(args: argparse.Namespace, code: str | None = None) -> list[tuple[str, str]]:
     """The machine, the tools, and C{code}: the code_state() the servers started with."""
 
@@ -120,14 +161,7 @@ def machine_info(args: argparse.Namespace, code: str | None = None) -> list[tupl
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "?"
 
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?"
-            )
-    except OSError:
-        pass
+    cpu = cpu_model()
     nginx = find_nginx()
     daemon_options = filecache_argv(0, Path("DIR"), args)[4:]
     for name in ("--port", "--dir"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 from benchmarks import cachebench
+from benchmarks.report import replace_section
 
 
 def test_zipf_draw_is_skewed_and_seeded() -> None:
@@ -32,8 +33,10 @@ def test_trace_mixes_in_each_scan_file_once() -> None:
 def test_merge_replaces_only_its_own_section() -> None:
     """--write adds the cache policies section at the end once, then replaces only it."""
     old = "# results\n\nnative figures\n"
-    first = cachebench.merge(old, f"{cachebench.BEGIN}\none\n{cachebench.END}\n")
+    first = replace_section(old, f"{cachebench.BEGIN}\none\n{cachebench.END}\n", cachebench.BEGIN, cachebench.END)
     assert first.startswith(old) and first.count(cachebench.BEGIN) == 1
-    second = cachebench.merge(first + "\n## later\n", f"{cachebench.BEGIN}\ntwo\n{cachebench.END}\n")
+    second = replace_section(
+        first + "\n## later\n", f"{cachebench.BEGIN}\ntwo\n{cachebench.END}\n", cachebench.BEGIN, cachebench.END
+    )
     assert "one" not in second and "two" in second
     assert second.startswith(old) and second.endswith("## later\n")
