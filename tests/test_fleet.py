@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, DaemonFactory, free_port, stats, wait_for
 from test_haproxy import HAProxy, haproxy_binary
-from test_http_proxies import Proxy, _find, fetch, up
+from test_http_proxies import _find, fetch, start_nginx, up
 
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy-http.cfg"
 MiB = 1024 * 1024
@@ -236,25 +236,7 @@ def test_nginx_edge_caches_revalidates_and_locks(tmp_path: Path, daemon_factory:
     edge = _replace_once(edge, "listen 80;", f"listen 127.0.0.1:{port};")
     edge = _replace_once(edge, "proxy_cache_valid 200 60s;", "proxy_cache_valid 200 1s;")
     (prefix / "edge.conf").write_text(edge)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        f"""{user}worker_processes 1;
-error_log {prefix}/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    include {prefix}/edge.conf;
-}}
-"""
-    )
-    server = Proxy([nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.out")
+    server = start_nginx(nginx, prefix, f"    include {prefix}/edge.conf;\n", tmp_path / "nginx.out")
     try:
         wait_for(lambda: up(port), 10, "nginx to listen")
         url = f"http://127.0.0.1:{port}/a.bin"

@@ -61,6 +61,28 @@ class Proxy:
                 self.process.wait(5)
 
 
+def start_nginx(nginx: str, prefix: Path, http: str, out: Path) -> Proxy:
+    """nginx in the foreground under C{prefix} (its temp paths, pid and error log there), C{http} in its http block."""
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        f"""{user}worker_processes 1;
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{http}}}
+"""
+    )
+    return Proxy([nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], out)
+
+
 @pytest.fixture
 def proxies() -> Iterator[list[Proxy]]:
     started: list[Proxy] = []
@@ -91,22 +113,7 @@ def test_nginx_caches_and_revalidates_with_our_validators(
     port = free_port()
     prefix = tmp_path / "nginx"
     (prefix / "cache").mkdir(parents=True)
-    (prefix / "logs").mkdir()
-    conf = prefix / "nginx.conf"
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    conf.write_text(
-        f"""{user}worker_processes 1;
-error_log {prefix}/logs/error.log warn;
-pid {prefix}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    proxy_cache_path {prefix}/cache keys_zone=files:1m;
+    http = f"""    proxy_cache_path {prefix}/cache keys_zone=files:1m;
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -118,10 +125,8 @@ http {{
             add_header X-Cache-Status $upstream_cache_status always;
         }}
     }}
-}}
 """
-    )
-    proxies.append(Proxy([nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.out"))
+    proxies.append(start_nginx(nginx, prefix, http, tmp_path / "nginx.out"))
     wait_for(lambda: up(port), 10, "nginx to listen")
     url = f"http://127.0.0.1:{port}/a.txt"
 
