@@ -32,7 +32,7 @@ from benchmarks.clients import LOADGEN, build_loadgen
 from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK
 from benchmarks.processes import LOOPBACK, Processes, run_with_servers
-from benchmarks.report import run_info, write_section
+from benchmarks.report import publish, run_info
 from benchmarks.servers import MAX_PER_IP, Server, twistd
 from filecache.daemon.cache import POLICIES, CacheEntry, ICache, make_cache
 
@@ -407,10 +407,7 @@ def main(argv: list[str]) -> int:
             ranks = zipf_ranks(HOT_FILES, 100_000, random.Random(args.seed))
             paths.write_text("".join(f"hot/h{r:04d}.bin\n" for r in ranks))
             daemons = [run_daemon(procs, policy, data, paths, logs, client) for policy in POLICIES]
-        report = render(args, info, trace_results, costs, daemons)
-        sys.stdout.write(report)
-        if args.write:
-            write_section(report, BEGIN, END)
+        publish(render(args, info, trace_results, costs, daemons), args.write, BEGIN, END)
         return 0
 
     return run_with_servers(body)

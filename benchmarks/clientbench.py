@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK
 from benchmarks.processes import LOOPBACK, Processes, run_with_servers
-from benchmarks.report import code_state, heading, run_info, write_section
+from benchmarks.report import code_state, heading, publish, run_info
 from benchmarks.servers import (
     Server,
     filecache_argv,
@@ -314,10 +314,7 @@ def main(argv: list[str]) -> int:
         found, results, sweep = measure(args, procs, work, logs, tree)
         info = run_info(code)
         info.append(("rclone", subprocess.run(["rclone", "version"], capture_output=True, text=True, check=False).stdout.split("\n")[0] if shutil.which("rclone") else "not installed"))
-        report = render(args, info, found, results, sweep)
-        sys.stdout.write(report)
-        if args.write:
-            write_section(report, BEGIN, END)
+        publish(render(args, info, found, results, sweep), args.write, BEGIN, END)
         return 0
 
     return run_with_servers(body)

@@ -27,7 +27,7 @@ from benchmarks.clients import build_loadgen, fc_list, http_get_all, loadgen
 from benchmarks.console import BenchError, say
 from benchmarks.dataset import WORK, make_dataset
 from benchmarks.processes import LOOPBACK, Processes, run_with_servers
-from benchmarks.report import run_info, write_section
+from benchmarks.report import publish, run_info
 from benchmarks.resources import RssSampler, process_tree, status_kib
 from benchmarks.servers import NGINX_CONF, Server, filecache_argv, find_nginx
 
@@ -260,10 +260,7 @@ def main(argv: list[str]) -> int:
         if args.only in (None, "folders"):
             say("folder curve")
             folders = folder_curve(procs, args, nginx, work, logs)
-        report = render(info, conns, folders)
-        sys.stdout.write(report)
-        if args.write:
-            write_section(report, BEGIN, END)
+        publish(render(info, conns, folders), args.write, BEGIN, END)
         return 0
 
     return run_with_servers(body)

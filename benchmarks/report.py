@@ -136,6 +136,13 @@ def cpu_model() -> str:
         return "?"
 
 
+def publish(report: str, write: bool, begin: str, end: str) -> None:
+    """Print C{report}; with C{write}, also put it in benchmarks/results.md between C{begin} and C{end}."""
+    sys.stdout.write(report)
+    if write:
+        write_section(report, begin, end)
+
+
 def write_section(section: str, begin: str, end: str) -> None:
     """benchmarks/results.md with the section between C{begin} and C{end} replaced by C{section}."""
     md = HERE / "results.md"
