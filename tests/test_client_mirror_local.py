@@ -233,6 +233,15 @@ def test_removing_extras_takes_away_the_folders_it_emptied_only(tmp_path: Path) 
     assert (tmp_path / "docs" / "keep").exists() and (tmp_path / "docs" / "untouched").is_dir()
 
 
+def receiving(path: str, name: str) -> PartFile:
+    """A partial file claimed and begun for a 4-byte body of VERSION, from its start."""
+    sink = PartFile(path, name, Progress())
+    sink.claim()
+    sink.prepare(0, None)
+    sink.begin(4, VERSION)
+    return sink
+
+
 def test_a_small_body_is_written_in_one_step_without_a_sidecar(tmp_path: Path) -> None:
     """
     A body under SMALL_BODY: nothing on disk until commit, then the file
@@ -240,20 +249,14 @@ def test_a_small_body_is_written_in_one_step_without_a_sidecar(tmp_path: Path) -
     kept as a resumable partial file with its sidecar.
     """
     final = tmp_path / "f.bin"
-    sink = PartFile(str(final), "f.bin", Progress())
-    sink.claim()
-    sink.prepare(0, None)
-    sink.begin(4, VERSION)
+    sink = receiving(str(final), "f.bin")
     sink.write(b"da")
     assert os.listdir(tmp_path) == []
     sink.write(b"ta")
     sink.commit()
     assert os.listdir(tmp_path) == ["f.bin"] and final.read_bytes() == b"data"
 
-    cut = PartFile(str(tmp_path / "g.bin"), "g.bin", Progress())
-    cut.claim()
-    cut.prepare(0, None)
-    cut.begin(4, VERSION)
+    cut = receiving(str(tmp_path / "g.bin"), "g.bin")
     cut.write(b"da")
     cut.keep()
     assert sorted(os.listdir(tmp_path)) == [".g.bin.filecache-part", ".g.bin.filecache-part.json", "f.bin"]
@@ -270,10 +273,7 @@ def test_a_partial_file_someone_puts_there_during_a_small_download_is_left_alone
     file nor a sidecar put beside it is truncated or removed.
     """
     final = tmp_path / "f.bin"
-    sink = PartFile(str(final), "f.bin", Progress())
-    sink.claim()
-    sink.prepare(0, None)
-    sink.begin(4, VERSION)
+    sink = receiving(str(final), "f.bin")
     sink.write(b"data")
     part, meta = tmp_path / ".f.bin.filecache-part", tmp_path / ".f.bin.filecache-part.json"
     part.write_bytes(b"theirs")
