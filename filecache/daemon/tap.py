@@ -20,7 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from filecache.daemon.admission import parse_allow
+from filecache.daemon.admission import Network, parse_allow
 from filecache.daemon.cache import POLICIES as CACHE_POLICIES
 from filecache.daemon.cache import make_cache
 from filecache.daemon.config import METRICS_OFF, DaemonConfig, endpoint_description, parse_size
@@ -218,11 +218,7 @@ class Options(usage.Options):
             cache_size = parse_size(str(self["cache-size"]))
         except ValueError as e:
             raise ConfigError(f"--cache-size: {e}") from None
-        cache_policy = str(self["cache-policy"]).strip().lower()
-        if cache_policy not in CACHE_POLICIES:
-            raise ConfigError(
-                f"--cache-policy must be one of {', '.join(CACHE_POLICIES)}, not {cache_policy!r}"
-            )
+        cache_policy = _choice("--cache-policy", self["cache-policy"], CACHE_POLICIES)
         port_texts = tuple(self["port"]) or ("tcp:5000",)
         ports = tuple(endpoint_description(text) for text in port_texts)
         limits = {}
@@ -230,12 +226,7 @@ class Options(usage.Options):
             limits[name] = _number(f"--{name}", self[name], int)
             if limits[name] < 1:
                 raise ConfigError(f"--{name} must be at least 1")
-        allow = None
-        if self["allow"] is not None:
-            try:
-                allow = tuple(parse_allow(self["allow"]))
-            except ValueError as e:
-                raise ConfigError(f"--allow: {e}") from None
+        allow = _networks("--allow", self["allow"])
         text = str(self["workers"]).strip().lower()
         workers = os.cpu_count() or 1 if text == "auto" else _number("--workers", text, int)
         if workers < 1:
@@ -245,9 +236,7 @@ class Options(usage.Options):
                 "--workers with an ssl: port is not supported: run one worker, "
                 "or end TLS in front (HAProxy) and serve tcp: behind it"
             )
-        freshness = str(self["freshness"]).strip().lower()
-        if freshness not in FRESHNESS_MODES:
-            raise ConfigError(f"--freshness must be one of {', '.join(FRESHNESS_MODES)}, not {freshness!r}")
+        freshness = _choice("--freshness", self["freshness"], FRESHNESS_MODES)
         inherit_fds = []
         for text in self["inherit-fd"]:
             fields = text.split(":")
@@ -259,12 +248,7 @@ class Options(usage.Options):
             except ValueError:
                 raise ConfigError("--inherit-fd takes FD:FAMILY or FD:FAMILY:proxy") from None
             inherit_fds.append((fd, family, proxied))
-        trusted = None
-        if self["trusted-proxy"] is not None:
-            try:
-                trusted = tuple(parse_allow(self["trusted-proxy"]))
-            except ValueError as e:
-                raise ConfigError(f"--trusted-proxy: {e}") from None
+        trusted = _networks("--trusted-proxy", self["trusted-proxy"])
         metrics_text = self["metrics"]
         metrics = None
         if metrics_text is not None:
@@ -300,6 +284,24 @@ class Options(usage.Options):
         if metrics is not None and metrics != METRICS_OFF:
             assert metrics_text is not None
             check_endpoint(metrics_text, metrics, option="--metrics")
+
+
+def _choice(option: str, text: object, choices: tuple[str, ...]) -> str:
+    """C{text} (any case) if it is one of C{choices}; else a one-line error."""
+    value = str(text).strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def _networks(option: str, text: str | None) -> tuple[Network, ...] | None:
+    """The networks of a CIDR[,CIDR...] option, or C{None} if it was not given."""
+    if text is None:
+        return None
+    try:
+        return tuple(parse_allow(text))
+    except ValueError as e:
+        raise ConfigError(f"{option}: {e}") from None
 
 
 def _number(option: str, text: str, kind: type) -> Any:
