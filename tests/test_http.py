@@ -547,3 +547,18 @@ def test_the_health_path_says_ok_then_503_while_draining(root: Path) -> None:
     proto, t = connect(factory)
     r = get(proto, t, "/.filecache/health")
     assert (r.status, r.headers["retry-after"], r.headers["connection"]) == (503, "1", "close")
+
+
+def test_known_requests_are_bounded_in_count_and_size() -> None:
+    """The memo of plain requests keeps at most its entries (the oldest go first) and no long request."""
+    from filecache.daemon.httpkept import HEAD_MEMO_SIZE, KnownRequests
+
+    known: KnownRequests[str] = KnownRequests(entries=2)
+    known.keep(b"a", "1")
+    known.keep(b"b", "2")
+    known.keep(b"a", "again")  # already known: kept as it was, not moved
+    known.keep(b"c", "3")
+    assert (known.get(b"a"), known.get(b"b"), known.get(b"c")) == (None, "2", "3")
+    long = b"x" * (HEAD_MEMO_SIZE + 1)
+    known.keep(long, "long")
+    assert known.get(long) is None and known.get(b"c") == "3"
