@@ -279,15 +279,11 @@ class Responder:
         sent); C{None} if not: the request must be answered the long way.
         """
         built = self._built.get(path)
-        if built is None:
+        if built is None or not self.still_hit(path, built[0]):
             return None
-        entry, data = built
-        if self.cache.peek(path) is not entry or not self.freshness.holds(entry):
-            return None
-        self.cache.lookup(path, entry.version)  # counts the hit
         self.counters.requests += 1
-        self.count_sent(len(entry.data))
-        return data
+        self.count_sent(len(built[0].data))
+        return built[1]
 
     def _keep_built(self, path: str, entry: CacheEntry, data: bytes) -> None:
         # The whole reply to a hit, kept beside its entry (checked by
