@@ -335,7 +335,7 @@ class FifoCacheMachine(RuleBasedStateMachine):
 
 
 FifoCacheMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=30, deadline=None
+    max_examples=80, stateful_step_count=30, deadline=None
 )
 TestFifoCacheMachine = FifoCacheMachine.TestCase
 TestFifoCacheMachine.__doc__ = (

@@ -478,7 +478,7 @@ class SieveMachine(PolicyMachine):
         assert cache._hand is None or cache._hand in forward
 
 
-_MACHINE_SETTINGS = settings(max_examples=150, stateful_step_count=40, deadline=None)
+_MACHINE_SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
 S3FifoMachine.TestCase.settings = _MACHINE_SETTINGS
 SieveMachine.TestCase.settings = _MACHINE_SETTINGS
 TestS3FifoMachine = S3FifoMachine.TestCase
