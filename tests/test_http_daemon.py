@@ -10,12 +10,14 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from conftest import DaemonFactory, RawClient, make_tls_files, wait_for
+from httpkit import HttpConnection, request_bytes
 
 CURL = ["curl", "--silent", "--show-error", "--max-time", "20"]
 
@@ -108,3 +110,53 @@ def test_workers_serve_http_on_every_port(shared: Path, daemon_factory: DaemonFa
         if re.search(r"worker 1: \[filecache[^\]]*\] \S+ HTTP/1.1 GET /a.txt 200", log):
             seen.add("worker 1")
     assert seen == {"parent", "worker 1"}, daemon.log_text()[-2000:]
+
+
+def _small_receive_buffer(sock: socket.socket) -> None:
+    # Set before anything is read, so that the window the daemon sees stays small.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+
+
+def test_bodies_sent_at_once_or_left_to_the_producer(shared: Path, daemon_factory: DaemonFactory) -> None:
+    """
+    A body the kernel copies goes to the socket from the read of its
+    request, and whatever the socket does not take then is left to the
+    producer: pipelined ranges and a whole uncached file, to a client with
+    a small receive buffer who waits before reading, come back whole and in
+    order on a connection that stays open; so do two native GETs of the
+    file once its digest is known, each closed by its END line.
+    """
+    data = os.urandom(6 * 1024 * 1024 + 5)
+    (shared / "big.bin").write_bytes(data)
+    daemon = daemon_factory(shared, "--cache-size", "1M")
+    asked = [(0, 99), (1000, 4 * 1024 * 1024), (len(data) - 10, len(data) - 1), (None, None), (7, 7)]
+    with HttpConnection(daemon.port) as conn:
+        _small_receive_buffer(conn.sock)
+        requests = [
+            ("GET", "/big.bin", [] if first is None else [("Range", f"bytes={first}-{last}")])
+            for first, last in asked
+        ]
+        conn.send(b"".join(request_bytes(m, t, h, host=conn.host) for m, t, h in requests))
+        for method, _target, _headers in requests:
+            conn.expect(method)
+        time.sleep(0.5)  # the send buffer fills: the big bodies are sent in parts
+        for first, last in asked:
+            response = conn.read_response()
+            if first is None or last is None:
+                assert response.status == 200 and response.body == data
+            else:
+                assert response.status == 206 and response.body == data[first : last + 1]
+        conn.assert_open()
+    raw = RawClient(daemon.port)
+    try:
+        _small_receive_buffer(raw.sock)
+        assert raw.get(b"big.bin")[1] == data  # read and hashed: its digest is known from now on
+        raw.send(b"GET big.bin 0\r\nGET big.bin 3\r\n")
+        time.sleep(0.5)
+        for offset in (0, 3):
+            status, body, end = raw.read_get()
+            assert status.startswith(b"OK "), status
+            assert body == data[offset:]
+            assert end == b"END " + hashlib.sha256(body).hexdigest().encode() + b"\r\n"
+    finally:
+        raw.sock.close()

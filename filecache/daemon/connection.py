@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -28,6 +28,7 @@ from filecache.daemon.bodies import DiskBody, MemoryBody, Sent
 from filecache.daemon.httphead import MAX_HEADER_LINE, is_request_line, starts_like_http
 from filecache.daemon.listing import ListResult, SteppedBody
 from filecache.daemon.sockets import (
+    buffer_empty,
     describe_peer,
     direct_socket,
     is_tcp,
@@ -36,6 +37,7 @@ from filecache.daemon.sockets import (
     unwrapped,
     write_now,
 )
+from filecache.daemon.transfer import TURN
 
 if TYPE_CHECKING:
     from filecache.daemon.http import HttpSession
@@ -109,6 +111,7 @@ class Connection(LineReceiver, TimeoutMixin):
         self._unsent: int | None = None
         self._pending: Deferred[Any] | None = None
         self._gate = _SendBufferGate(self)
+        self._gated = False
         self._http: HttpSession | None = None
         self._writer: Any = None
         self.peer = "-"
@@ -160,6 +163,7 @@ class Connection(LineReceiver, TimeoutMixin):
             except OSError:
                 pass
         self.transport.registerProducer(self._gate, True)
+        self._gated = True
         self.setTimeout(factory.idle_timeout)
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
@@ -274,6 +278,7 @@ class Connection(LineReceiver, TimeoutMixin):
         # transport gave it now would never be lifted (the body's producer
         # is resumed instead), and reading is held by _replying meanwhile.
         transport.unregisterProducer()
+        self._gated = False
         self._backpressure = False
         # Straight to the socket when nothing is queued, so that a body sent
         # from the socket too may follow at once.
@@ -283,6 +288,23 @@ class Connection(LineReceiver, TimeoutMixin):
 
     def stream(self, head: bytes, body: MemoryBody | DiskBody) -> Deferred[Sent]:
         """Write C{head}, then send C{body}; no request is read meanwhile."""
+        sock = self._socket
+        if sock is not None and isinstance(body, DiskBody) and body.by_kernel and buffer_empty(self._writer):
+            # Head and body straight to the socket, now: a body the socket
+            # takes whole is sent with no producer, no pause in reading and
+            # no reactor turn; whatever it does not take goes the usual way.
+            try:
+                # MSG_MORE: the head waits for the body's first bytes and
+                # leaves in the same segment (sendfile pushes its last one),
+                # so the client wakes once per reply, not twice.
+                written = sock.send(head, socket.MSG_MORE if body.length else 0)
+            except OSError:
+                written = 0
+            if written == len(head):
+                sent = body.send_now(sock.fileno(), TURN)
+                if sent is not None:
+                    return succeed(sent)
+            head = head[written:]
         return body.send(self._start_stream(head), on_progress=self._progressed)
 
     def stream_steps(self, head: bytes, body: SteppedBody[Any]) -> Deferred[ListResult]:
@@ -296,7 +318,9 @@ class Connection(LineReceiver, TimeoutMixin):
 
     def reply_done(self, tail: bytes = b"") -> None:
         """The streamed reply is over, once C{tail} is written: read the next request."""
-        self.transport.registerProducer(self._gate, True)
+        if not self._gated:
+            self.transport.registerProducer(self._gate, True)
+            self._gated = True
         if tail:
             # After the gate is back, so that a full buffer pauses it.
             self.transport.write(tail)
