@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import os
 import resource
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from filecache.daemon.beneath import beneath_opener
 from filecache.daemon.folder import FileStat, NotShared, OpenedFile, SharedFolder, Unreadable
 from filecache.wire import quote_path, unquote_path
 
@@ -60,6 +62,9 @@ def read_all(opened: OpenedFile) -> bytes:
 
 def open_fds() -> int:
     """The number of descriptors this process has open now."""
+    # A SharedFolder holds its folder's descriptor until it is collected:
+    # folders of earlier tests (in reference cycles) go first, not midway.
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -90,10 +95,19 @@ def root(tmp_path: Path) -> Path:
     return shared
 
 
-@pytest.fixture
-def folder(root: Path) -> SharedFolder:
-    """A SharedFolder over C{root}."""
-    return SharedFolder(str(root))
+@pytest.fixture(params=["openat2", "proc"])
+def folder(root: Path, request: pytest.FixtureRequest) -> SharedFolder:
+    """
+    A SharedFolder over C{root}, opening files either way: beneath the
+    folder's descriptor by C{openat2} (where the kernel has it), or by path
+    with a look at where the open led.  Every test of the folder runs both.
+    """
+    shared = SharedFolder(str(root))
+    if request.param == "proc":
+        shared._beneath = None
+    elif shared._beneath is None:
+        pytest.skip("openat2 is not available here")
+    return shared
 
 
 # Construction
@@ -761,6 +775,7 @@ def test_open_without_proc_confines_the_same_way(tmp_path: Path) -> None:
     os.mkfifo(root / "fifo")
     folder = SharedFolder(str(root))
     folder._proc_fds = False
+    folder._beneath = None
     opened = folder.open("link-in")
     try:
         assert os.pread(opened.fd, 10, 0) == b"in"
@@ -771,3 +786,57 @@ def test_open_without_proc_confines_the_same_way(tmp_path: Path) -> None:
     for path in ("link-out", "fifo", "sub", "../outside.txt", "missing"):
         with pytest.raises(NotShared):
             folder.open(path)
+
+
+# Opening beneath the folder's descriptor (openat2)
+
+
+def test_the_opener_refuses_symlinks_and_paths_that_leave(root: Path) -> None:
+    """
+    C{openat2} beneath the folder opens a nested file, and refuses a symlink
+    anywhere on the way (even one that stays inside) and every path that
+    would leave the folder, absolute or by C{..}.
+    """
+    write(root, "sub/in.txt", b"in")
+    (root / "link-sub").symlink_to("sub")
+    (root / "link-file").symlink_to("sub/in.txt")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        opener = beneath_opener(fd, os.O_RDONLY | os.O_CLOEXEC)
+        if opener is None:
+            pytest.skip("openat2 is not available here")
+        opened = opener.open("sub/in.txt")
+        assert os.pread(opened, 10, 0) == b"in"
+        os.close(opened)
+        for path, code in [
+            ("link-sub/in.txt", errno.ELOOP),
+            ("link-file", errno.ELOOP),
+            ("../outside.txt", errno.EXDEV),
+            ("sub/../../outside.txt", errno.EXDEV),
+            ("/etc/hostname", errno.EXDEV),
+            ("missing", errno.ENOENT),
+        ]:
+            with pytest.raises(OSError) as info:
+                opener.open(path)
+            assert info.value.errno == code, path
+    finally:
+        os.close(fd)
+
+
+def test_symlinks_inside_are_followed_the_long_way(root: Path, folder: SharedFolder) -> None:
+    """
+    A file reached through a symlink that stays inside is still shared
+    (opened by path and checked where it led), whichever way the folder
+    opens plain paths: the refusal of symlinks by C{openat2} only sends it
+    the long way.
+    """
+    write(root, "sub/in.txt", b"in")
+    (root / "link-sub").symlink_to("sub")
+    (root / "link-file").symlink_to("sub/in.txt")
+    for path in ("link-sub/in.txt", "link-file", "sub/in.txt"):
+        opened = folder.open(path)
+        try:
+            assert read_all(opened) == b"in"
+            assert opened.real == str(root / "sub" / "in.txt")
+        finally:
+            opened.close()

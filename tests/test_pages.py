@@ -598,9 +598,10 @@ def test_stopped_midway_fails_with_transfer_failed_and_closes_the_folder(tmp_pat
     """A page whose connection is lost fails with TransferFailed, runs no further step, closes its fd."""
     for n in range(3000):
         (tmp_path / f"f{n}").write_bytes(b"")
+    folder = SharedFolder(str(tmp_path))
     fds = open_fds()
     steps = QueuedSteps()
-    body = page(SharedFolder(str(tmp_path)), form="html", run_blocking=steps)
+    body = page(folder, form="html", run_blocking=steps)
     failures: list[Failure] = []
     body.send(StringTransport()).addErrback(failures.append)
     steps.run_one()

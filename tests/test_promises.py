@@ -261,9 +261,10 @@ def test_list_stopped_midway_closes_the_walk(ram_path: Path) -> None:
         (ram_path / f"d{d}").mkdir()
         for n in range(2000):
             (ram_path / f"d{d}" / f"f{n}").write_bytes(b"")
+    folder = SharedFolder(str(ram_path))
     fds = len(os.listdir("/proc/self/fd"))
     steps = QueuedSteps()
-    body = ListBody(SharedFolder(str(ram_path)).walk(), lambda path, st: False, steps)
+    body = ListBody(folder.walk(), lambda path, st: False, steps)
     done = body.send(StringTransport())
     work, waiting = steps.queue.pop(0)
     waiting.callback(work())

@@ -8,10 +8,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from filecache.daemon.beneath import BeneathOpener, beneath_opener
 from filecache.daemon.folders import OpenedFolder
 from filecache.daemon.walk import MAX_WALK_DEPTH, MAX_WALK_ENTRIES, FolderWalk, open_folder_fd
 from filecache.wire import PathError, split_path
@@ -112,6 +114,8 @@ class OpenedFile:
 
 _HIDDEN = os.sep + "."
 
+_FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+
 
 def _has_hidden_part(relative: str) -> bool:
     return relative.startswith(".") or _HIDDEN in relative
@@ -138,6 +142,11 @@ class SharedFolder:
             raise NotADirectoryError(root)
         self._prefix = self.root.rstrip(os.sep) + os.sep
         self._proc_fds = os.path.isdir("/proc/self/fd")
+        # The folder's own descriptor, for opening files beneath it; closed
+        # with this object.
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, self._root_fd)
+        self._beneath = beneath_opener(self._root_fd, _FILE_FLAGS)
 
     def _inside(self, real: str) -> bool:
         if not real.startswith(self._prefix):
@@ -179,6 +188,11 @@ class SharedFolder:
         @raise NotShared: if it names nothing that may be shared.
         @raise Unreadable: if it is shared but cannot be opened now.
         """
+        opener = self._beneath
+        if opener is not None:
+            opened = self._open_beneath(path, opener)
+            if opened is not None:
+                return opened
         if not self._proc_fds:
             # Without /proc: resolve first, then refuse a symlink put in since.
             real = self.resolve(path)
@@ -194,10 +208,37 @@ class SharedFolder:
             raise _open_error(path, e) from None
         return self._checked(path, self._open_fd(path, joined, 0), None, joined)
 
+    def _open_beneath(self, path: str, opener: BeneathOpener) -> OpenedFile | None:
+        """
+        C{path} opened beneath the folder's descriptor, where no symlink is
+        on the way: three system calls (C{fstatat}, C{openat2}, C{fstat})
+        and no look at where the open led, which the kernel has confined.
+        C{None} for a path with a symlink, which L{open} follows the long way.
+        """
+        joined = self.disk_path(path)
+        relative = joined[len(self._prefix) :]
+        try:
+            # Only regular files are opened (see open); lstat-like, so a
+            # symlink at the end is seen and not followed here.
+            mode = os.stat(relative, dir_fd=self._root_fd, follow_symlinks=False).st_mode
+        except OSError as e:
+            raise _open_error(path, e) from None
+        if stat.S_ISLNK(mode):
+            return None
+        if not stat.S_ISREG(mode):
+            raise NotShared(path)
+        try:
+            fd = opener.open(relative)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EXDEV):
+                return None  # a symlink on the way
+            raise _open_error(path, e) from None
+        return self._checked(path, fd, joined, joined)
+
     @staticmethod
     def _open_fd(path: str, name: str, extra_flags: int) -> int:
         try:
-            return os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | extra_flags)
+            return os.open(name, _FILE_FLAGS | extra_flags)
         except OSError as e:
             raise _open_error(path, e) from None
 
