@@ -66,7 +66,9 @@ class ParsedHeads:
 
     def __init__(self, entries: int = HEAD_MEMO_ENTRIES) -> None:
         self._entries = entries
-        self._kept: dict[tuple[tuple[int, int], bytes], RequestHead] = {}
+        # Ordered: the oldest goes in O(1) (deleting a plain dict's first key
+        # again and again makes finding the next first key ever slower).
+        self._kept: OrderedDict[tuple[tuple[int, int], bytes], RequestHead] = OrderedDict()
 
     def get(self, version: tuple[int, int], fields: bytes) -> RequestHead | None:
         return self._kept.get((version, fields))
@@ -74,7 +76,7 @@ class ParsedHeads:
     def keep(self, fields: bytes, head: RequestHead) -> None:
         kept = self._kept
         if len(kept) >= self._entries:
-            del kept[next(iter(kept))]
+            kept.popitem(last=False)
         kept[(head.version, fields)] = head
 
 
@@ -96,7 +98,7 @@ class KnownRequests(Generic[V]):
 
     def __init__(self, entries: int = KNOWN_REQUESTS) -> None:
         self._entries = entries
-        self._kept: dict[bytes, V] = {}
+        self._kept: OrderedDict[bytes, V] = OrderedDict()  # see ParsedHeads
 
     def get(self, request: bytes) -> V | None:
         return self._kept.get(request)
@@ -106,5 +108,5 @@ class KnownRequests(Generic[V]):
         if request in kept or len(request) > HEAD_MEMO_SIZE:
             return
         if len(kept) >= self._entries:
-            del kept[next(iter(kept))]
+            kept.popitem(last=False)
         kept[request] = asked
