@@ -125,9 +125,10 @@ def figure_table(
 ) -> list[str]:
     """
     The markdown table of C{rows} for the workloads in C{results}: one column
-    per server of C{names}, filecache's ratio to each of RATIO_TO that ran,
-    the targets and the verdict.
+    per server of C{names} that was measured in one of them, filecache's
+    ratio to each of RATIO_TO among those, the targets and the verdict.
     """
+    names = [n for n in names if any(n in per for per in results.values())]
     ratio_to = [n for n in RATIO_TO if n in names]
     head = (
         ["workload", "metric"]
