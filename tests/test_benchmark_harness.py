@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import stat
 import sys
 import time
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import httpreport, report, targets
 from benchmarks.dataset import DataSet, fresh_files
+from benchmarks.httpclients import wrk
 from benchmarks.httpworkloads import HTTP_WORKLOADS
 from benchmarks.processes import Processes, tail
 from benchmarks.run import parse_args
@@ -34,6 +36,7 @@ from benchmarks.servers import (
     Server,
     filecache_options,
     find_nginx,
+    http_server_argv,
     installed_script,
     make_servers,
     twistd_web_argv,
@@ -436,3 +439,52 @@ def test_cold_files_are_new_for_every_measurement(work: Path) -> None:
         assert [(ds.root / p).stat().st_size for p in first.paths] == [4096] * 3
         assert (ds.root / first.paths[0]).parent.stat().st_mode & 0o555 == 0o555
     assert not (ds.root / "fresh").exists() or not list((ds.root / "fresh").iterdir())
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"])
+def test_wrk_once_mode_requests_each_path_exactly_once(
+    work: Path, processes: Processes, protocol: str
+) -> None:
+    """
+    wrk.lua's "once" mode, as H6 runs it: 61 paths shared by 2 threads
+    over 6 connections (a connection per request with HTTP/1.0, kept
+    alive with HTTP/1.1) reach the server once each, no more, although wrk
+    calls request() once before the run to check it; wrk stops soon after
+    the last reply, not at the end of its -d.
+    """
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install -y wrk): not checked")
+    paths = [f"once/p{i:03d}.bin" for i in range(61)]
+    (work / "data" / "once").mkdir()
+    for rel in paths:
+        (work / "data" / rel).write_bytes(b"x" * 100)
+    list_file = work / "once.txt"
+    list_file.write_text("\n".join(paths) + "\n")
+    log = work / "logs" / "http.server.log"
+    server = Server(
+        "http.server",
+        "http",
+        lambda port: http_server_argv(port, work / "data") + ["--protocol", protocol],
+        log,
+    )
+    server.start(processes)
+    started = time.monotonic()
+    result = wrk(
+        processes,
+        server,
+        paths[0],
+        "once",
+        str(list_file),
+        "2",
+        connections=6,
+        threads=2,
+        seconds=60,
+        until_threads_done=True,
+    )
+    assert time.monotonic() - started < 30
+    server.stop(processes)
+    asked = [line.split('"GET /')[1].split(" ")[0] for line in log.read_text().splitlines() if '"GET /' in line]
+    assert sorted(asked) == paths
+    assert (result["requests"], result["threads_done"]) == (61, 2)
+    assert sum(result["errors"].values()) == 0
