@@ -1,13 +1,17 @@
 """
-The files every server serves, made once under benchmarks/work/ and then reused:
-small files, cold files, two large files and a folder of 100,000 for LIST.
+The files every server serves, made once under benchmarks/work/ and then reused
+(small files, two large files and a folder of 100,000 for LIST), and the cold
+files, made afresh for each measurement.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +27,9 @@ BIG = "big48.bin"
 BIG_SIZE = 48 << 20
 HUGE = "big200.bin"
 HUGE_SIZE = 200 << 20
-DATASET_VERSION = "filecache-bench-data v1"
+# v2: no cold files any more; they are made for each measurement (fresh_files).
+DATASET_VERSION = "filecache-bench-data v2"
+FRESH = "fresh"  # the folder of the shared folder that holds the cold files
 
 
 @dataclass
@@ -31,7 +37,40 @@ class DataSet:
     root: Path  # served by every server for workloads 1-5
     listdir: Path  # 100,000 files, for workload 6 only
     small_list: Path  # paths of the 1,000 4 KiB files
-    cold_list: Path  # paths of the 10,000 cold files
+
+
+@dataclass(frozen=True)
+class ColdFiles:
+    """Files no server has been asked for yet, and the list of their paths (one a line)."""
+
+    paths: list[str]  # relative to the shared folder
+    list_file: Path
+
+
+@contextmanager
+def fresh_files(ds: DataSet, label: str, count: int = COLD_FILES) -> Iterator[ColdFiles]:
+    """
+    C{count} new 4 KiB files in a folder of their own under the shared
+    folder's fresh/, removed afterwards.  A measurement of cold files takes
+    a new set, never the last one's: a server that caches what it opened
+    (nginx's open_file_cache, filecache, rclone's directory cache) would
+    otherwise find the second round's files warm.
+    """
+    parent = ds.root / FRESH
+    parent.mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=parent))
+    list_file = folder.with_suffix(".txt")
+    try:
+        # mkdtemp's 0700 would keep out nginx's worker, which runs as another user.
+        folder.chmod(0o755)
+        paths = [f"{FRESH}/{folder.name}/c{i:05d}.bin" for i in range(count)]
+        for rel in paths:
+            (ds.root / rel).write_bytes(os.urandom(SMALL_SIZE))
+        list_file.write_text("\n".join(paths) + "\n")
+        yield ColdFiles(paths, list_file)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        list_file.unlink(missing_ok=True)
 
 
 def make_dataset(fresh: bool) -> DataSet:
@@ -39,25 +78,25 @@ def make_dataset(fresh: bool) -> DataSet:
     listdir = WORK / "listdir"
     lists = WORK / "lists"
     stamp = WORK / "dataset.stamp"
-    ds = DataSet(data, listdir, lists / "small.txt", lists / "cold.txt")
-    spec = f"{DATASET_VERSION} {SMALL_FILES} {SMALL_SIZE} {COLD_FILES} {LIST_FILES} {BIG_SIZE} {HUGE_SIZE}"
+    ds = DataSet(data, listdir, lists / "small.txt")
+    spec = f"{DATASET_VERSION} {SMALL_FILES} {SMALL_SIZE} {LIST_FILES} {BIG_SIZE} {HUGE_SIZE}"
     if not fresh and stamp.exists() and stamp.read_text() == spec:
         say(f"data set: reusing {WORK} (--fresh-data to rebuild)")
+        # Cold files left behind by a run that was killed.
+        shutil.rmtree(data / FRESH, ignore_errors=True)
         return ds
-    say(f"data set: making it in {WORK} (about 250 MiB and 111,000 small files)...")
+    say(f"data set: making it in {WORK} (about 250 MiB and 101,000 small files)...")
     t0 = time.monotonic()
     stamp.unlink(missing_ok=True)
     for d in (data, listdir, lists):
         if d.exists():
             shutil.rmtree(d)
     (data / "small").mkdir(parents=True)
-    (data / "cold").mkdir()
     listdir.mkdir()
     lists.mkdir()
 
     small = [f"small/f{i:04d}.bin" for i in range(SMALL_FILES)]
-    cold = [f"cold/c{i:05d}.bin" for i in range(COLD_FILES)]
-    for rel in small + cold:
+    for rel in small:
         (data / rel).write_bytes(os.urandom(SMALL_SIZE))
     for name, size in ((BIG, BIG_SIZE), (HUGE, HUGE_SIZE)):
         chunk = os.urandom(1 << 20)
@@ -68,7 +107,6 @@ def make_dataset(fresh: bool) -> DataSet:
         with open(listdir / f"entry-{i:06d}.txt", "wb") as f:
             f.write(b"%d\n" % i)
     ds.small_list.write_text("\n".join(small) + "\n")
-    ds.cold_list.write_text("\n".join(cold) + "\n")
     os.sync()
     stamp.write_text(spec)
     say(f"data set: made in {time.monotonic() - t0:.1f} s")

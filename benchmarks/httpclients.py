@@ -8,9 +8,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import resource
+import selectors
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from benchmarks.servers import Server
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk.lua"
 WRK_TIMEOUT_S = 10  # per request; wrk's default (2 s) would count slow servers' replies as errors
+THREAD_DONE = b"wrk-thread-done\n"  # wrk.lua's "once" mode: a thread has all its replies
 
 
 def find_tool(name: str, package: str) -> str:
@@ -44,12 +49,17 @@ def wrk(
     connections: int,
     threads: int,
     seconds: int,
+    until_threads_done: bool = False,
 ) -> dict[str, Any]:
     """
     One timed wrk run against C{server}; the figures of wrk.lua's closing
-    line, plus wrk's text report, its CPU time and the server's.
+    line, plus wrk's text report, its CPU time and the server's.  With
+    C{until_threads_done} (wrk.lua's "once" mode) C{seconds} is only an
+    upper bound: the run ends when every thread says it has its replies.
     """
     threads = min(threads, connections)
+    if until_threads_done and script_args[-1:] != (str(threads),):
+        raise BenchError(f"wrk: once mode for {threads} thread(s) given {script_args}")
     argv = [
         find_tool("wrk", "wrk"),
         "-t",
@@ -72,7 +82,10 @@ def wrk(
     # wrk is the only child reaped in between: the difference is its CPU time.
     client_cpu = _children_cpu()
     proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    early, stop_lag = b"", None
     try:
+        if until_threads_done:
+            early, stop_lag = _interrupt_when_threads_done(proc, threads, seconds + 60)
         out, err = proc.communicate(timeout=seconds + 60)
         server_cpu = cpu_seconds(server_tree) - server_cpu
     except subprocess.TimeoutExpired:
@@ -80,7 +93,7 @@ def wrk(
     finally:
         procs.stop(proc)
     client_cpu = _children_cpu() - client_cpu
-    text = out.decode(errors="replace")
+    text = (early + out).decode(errors="replace")
     line = next((x for x in text.splitlines() if x.startswith("wrk-json ")), None)
     if proc.returncode != 0 or line is None:
         raise BenchError(
@@ -96,7 +109,48 @@ def wrk(
         text=text.replace(line, "").rstrip(),
         argv=argv[1:],
     )
+    if until_threads_done:
+        result["threads_done"] = text.count(THREAD_DONE.decode().strip())
+        # From reading the last thread's line to wrk's exit: at most this
+        # much of wrk's duration came after the last reply.
+        result["stop_lag_s"] = stop_lag
     return result
+
+
+def _interrupt_when_threads_done(
+    proc: subprocess.Popen[bytes], threads: int, timeout: float
+) -> tuple[bytes, float | None]:
+    """
+    Read wrk's output until C{threads} lines of THREAD_DONE, then SIGINT it
+    (our child, by its pid, not yet reaped): only that cuts short the sleep
+    of wrk's main thread.  Returns what was read and the seconds from the
+    last line to wrk's exit (None if it never said all were done, e.g. a
+    reply lost to a connection error: then wrk runs its whole -d).
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    read = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while read.count(THREAD_DONE) < threads and time.monotonic() < deadline:
+            if not sel.select(timeout=1):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return read, None  # wrk ended by itself
+            read += chunk
+    if read.count(THREAD_DONE) < threads:
+        return read, None
+    done_at = time.monotonic()
+    # SIGINT again if the first came before wrk set its handler (it would be ignored).
+    while proc.returncode is None and time.monotonic() < done_at + 10:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(1)
+        except subprocess.TimeoutExpired:
+            continue
+    return read, time.monotonic() - done_at
 
 
 def wrk_problem(result: dict[str, Any], body: int, head_max: int = 4096) -> str:

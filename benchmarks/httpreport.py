@@ -1,6 +1,6 @@
 """
-The HTTP section of the report: issue 10's targets, the table of H1-H4 with its
-ratios, nginx's configuration, and that section's place in results.md.
+The HTTP section of the report: issue 10's and issue 13's targets, the table of
+H1-H6 with its ratios, nginx's configurations, and that section's place in results.md.
 """
 
 from __future__ import annotations
@@ -10,48 +10,46 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.httpworkloads import HTTP_WORKLOADS
-from benchmarks.report import Target, below, heading, ratio_target
-from benchmarks.servers import (
-    FILECACHE,
-    HTTP_SERVER,
-    NGINX_HTTP,
-    RCLONE,
-    TWISTD_WEB,
-    Server,
-)
+from benchmarks.report import Row, figure_table, heading, nginx_configurations
+from benchmarks.servers import HTTP_SERVER_NAMES, NGINX_TUNED, SERVER_LABELS, TWISTD_WEB, Server
+from benchmarks.targets import at_least, under
 from benchmarks.workloads import Run
 
 BEGIN = "<!-- HTTP section: written by benchmarks/run.py --http --write; the rest is kept -->"
 END = "<!-- end of the HTTP section -->"
 
-LABELS = {
-    FILECACHE: "filecache",
-    NGINX_HTTP: "nginx",
-    TWISTD_WEB: "twistd web",
-    HTTP_SERVER: "python3 -m http.server",
-    RCLONE: "rclone serve http",
-}
-
-
-@dataclass(frozen=True)
-class Column:
-    workload: str
-    key: str
-    head: str
-    fmt: str
-    target: Target
-
-
-COLUMNS = [
-    Column("H1", "rps", "H1 req/s", "{:,.0f}", ratio_target(0.5, 6)),
-    Column("H1", "p99", "H1 p99 ms (lower is better)", "{:.2f}", below(5, "ms")),
-    Column("H2", "mbps", "H2 MB/s", "{:,.0f}", ratio_target(1.0)),
-    Column("H3", "mbps", "H3 MB/s", "{:,.0f}", ratio_target(0.9)),
-    Column("H4", "mbps", "H4 MB/s", "{:,.0f}", ratio_target(0.8)),
+# Issue 10 set up nginx tuned for its targets, and issue 13 anchors on it:
+# every HTTP ratio target is judged against nginx tuned.
+ROWS = [
+    Row(
+        "H1",
+        "requests/s",
+        "rps",
+        True,
+        "{:,.0f}",
+        (
+            at_least("10", 0.5, NGINX_TUNED),
+            at_least("10", 6, TWISTD_WEB),
+            at_least("13", 0.6, NGINX_TUNED),
+        ),
+    ),
+    Row("H1", "p99 latency ms", "p99", False, "{:.2f}", (under("10", 5, "ms"), under("13", 5, "ms"))),
+    Row("H2", "MB/s", "mbps", True, "{:,.0f}", (at_least("10", 1.0, NGINX_TUNED), at_least("13", 1.0, NGINX_TUNED))),
+    Row("H3", "MB/s", "mbps", True, "{:,.0f}", (at_least("10", 0.9, NGINX_TUNED), at_least("13", 0.9, NGINX_TUNED))),
+    Row("H4", "MB/s", "mbps", True, "{:,.0f}", (at_least("10", 0.8, NGINX_TUNED),)),
+    Row("H5", "requests/s", "rps", True, "{:,.0f}", (at_least("13", 0.9, NGINX_TUNED),)),
+    Row("H5", "p99 latency ms", "p99", False, "{:.2f}", ()),
+    Row(
+        "H6",
+        "requests/s",
+        "rps",
+        True,
+        "{:,.0f}",
+        (at_least("13", 5, TWISTD_WEB), at_least("13", 0.3, NGINX_TUNED)),
+    ),
 ]
 
 
@@ -73,54 +71,6 @@ def tool_versions() -> list[tuple[str, str]]:
     ]
 
 
-def _cell(run: Run | None, col: Column) -> tuple[str, float | None]:
-    if run is None or col.key not in run.values:
-        return "-", None
-    v = run.values[col.key]
-    return col.fmt.format(v) + (" !" if run.errors else ""), v
-
-
-def _table(results: dict[str, dict[str, Run]], names: list[str]) -> list[str]:
-    cols = [c for c in COLUMNS if c.workload in results]
-    out = ["| server | " + " | ".join(c.head for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    nums: dict[tuple[str, str], float] = {}
-    for n in names:
-        cells = []
-        for c in cols:
-            text, v = _cell(results[c.workload].get(n), c)
-            cells.append(text)
-            if v is not None:
-                nums[(n, c.head)] = v
-        out.append(f"| {LABELS[n]} | " + " | ".join(cells) + " |")
-
-    def ratio(other: str, c: Column) -> str:
-        fc, o = nums.get((FILECACHE, c.head)), nums.get((other, c.head))
-        return f"{fc / o:.2f}" if fc is not None and o else "-"
-
-    for other in (NGINX_HTTP, TWISTD_WEB):
-        out.append(
-            f"| filecache / {LABELS[other]} | " + " | ".join(ratio(other, c) for c in cols) + " |"
-        )
-    targets, met = [], []
-    for c in cols:
-        fc = nums.get((FILECACHE, c.head))
-        if fc is None:
-            targets.append(c.target(0, None, None)[0])
-            met.append("?")
-            continue
-        text, ok = c.target(fc, nums.get((NGINX_HTTP, c.head)), nums.get((TWISTD_WEB, c.head)))
-        fc_run = results[c.workload].get(FILECACHE)
-        targets.append(text)
-        met.append(
-            "**no** (errors)"
-            if fc_run is not None and fc_run.errors
-            else {True: "yes", False: "**no**", None: "?"}[ok]
-        )
-    out.append("| target (issue 10) | " + " | ".join(targets) + " |")
-    out.append("| met | " + " | ".join(met) + " |")
-    return out
-
-
 def _cpu_notes(results: dict[str, dict[str, Run]]) -> list[str]:
     notes = []
     for w in HTTP_WORKLOADS:
@@ -130,7 +80,7 @@ def _cpu_notes(results: dict[str, dict[str, Run]]) -> list[str]:
             if raw.get("seconds"):
                 server = 100 * raw["server_cpu_s"] / raw["seconds"]
                 client = 100 * raw["client_cpu_s"] / raw["seconds"] / raw["threads"]
-                cpu.append(f"{LABELS[n]} {server:.0f}/{client:.0f}")
+                cpu.append(f"{SERVER_LABELS[n]} {server:.0f}/{client:.0f}")
         if cpu:
             notes.append(
                 f"- {w.name}, CPU in % of one core, server (all processes) / wrk (per thread, "
@@ -146,7 +96,7 @@ def render_http(
     info: list[tuple[str, str]],
 ) -> str:
     """The "## HTTP" section, whole in itself (results.md keeps it apart from the rest)."""
-    names = [n for n in LABELS if n in servers]
+    names = [n for n in HTTP_SERVER_NAMES if n in servers]
     titles = {w.name: w.title for w in HTTP_WORKLOADS}
     info = [(k, v) for k, v in info if k != "timed runs"] + tool_versions()
     info.append(
@@ -161,7 +111,7 @@ def render_http(
     info.append(
         ("load average (1, 5, 15 min) at the end", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     )
-    out = [BEGIN, "## HTTP (issue 10)", ""]
+    out = [BEGIN, "## HTTP (issues 10 and 13)", ""]
     if args.duration < 8 or args.rounds < 3:
         out += [
             (
@@ -171,8 +121,7 @@ def render_http(
             "",
         ]
     out += heading(info)
-    out += ["Workloads:", ""] + [f"- {w}: {titles[w]}" for w in titles if w in results] + [""]
-    out += _table(results, names)
+    out += figure_table(ROWS, results, names, titles)
     out += [
         "",
         "Notes:",
@@ -182,8 +131,9 @@ def render_http(
             "of these bodies) per second. Ratios are filecache / other."
         ),
         (
-            "- Before every timed run one curl fetches the workload's files (H1: all 1,000 in turn, "
-            "which also fills filecache's cache; H2: twice; H4: one 1 MiB range, as a 206) and "
+            "- Before every timed run one curl fetches the workload's files (H1 and H5: all 1,000 in "
+            "turn, which also fills filecache's cache; H2: twice; H4: one 1 MiB range, as a 206; "
+            "H6, whose files must stay cold: 100 of them at random, after the run) and "
             "their SHA-256 is compared with the files'. During the run wrk must count no error "
             "(no status of 400 or more, no timeout) and the bytes read must fit the replies "
             "counted (a 200 where a 206 was due would not). `!` marks a figure that failed."
@@ -194,9 +144,22 @@ def render_http(
             "its head and body are two writes, held back by Nagle's algorithm and delayed ACKs)."
         ),
     ]
+    if "H6" in results:
+        out.append(
+            "- H6: each server, in each round, gets 10,000 files of its own, made just before and "
+            "read once by the script right before the run (so the page cache holds them, but no "
+            "server has seen them: nginx tuned's open_file_cache and filecache's cache are cold; "
+            "filecache is restarted first as well). wrk requests each exactly once (wrk.lua's "
+            "`once` mode) and is stopped when the last reply is in."
+        )
+    out.append(
+        "- nginx runs in two configurations (below): tuned (`open_file_cache max=10000`), which "
+        "issue 10 set up and issue 13 anchors on, so every HTTP target is judged against it; "
+        "default (`open_file_cache off`) is shown beside it."
+    )
     out += _cpu_notes(results)
     problems = [
-        f"- {w}, {LABELS[n]}: {run.errors} error(s): {run.error}"
+        f"- {w}, {SERVER_LABELS[n]}: {run.errors} error(s): {run.error}"
         for w, per in results.items()
         for n, run in per.items()
         if run.error
@@ -206,10 +169,9 @@ def render_http(
     ]
     if problems:
         out += ["", "Errors:", *problems]
-    nginx = servers.get(NGINX_HTTP)
-    if nginx is not None and nginx.config is not None and nginx.config.exists():
-        out += ["", "nginx's configuration (one run's; the port changes):", "", "```nginx"]
-        out += [nginx.config.read_text().rstrip(), "```"]
+    configs = nginx_configurations(servers)
+    if configs:
+        out += [""] + configs
     return "\n".join(out + [END]) + "\n"
 
 

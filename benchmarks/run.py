@@ -3,8 +3,9 @@
 The filecache benchmark: one command that builds the load generator, makes the
 data set, starts nginx, twistd web and filecache on the same folder, runs every
 workload against each of them in turn and prints a markdown table with the
-filecache/nginx and filecache/twistd-web ratios.  With --http (or --only H1,...)
-it runs issue 10's HTTP workloads under wrk, python3 -m http.server and rclone
+filecache/nginx and filecache/twistd-web ratios, nginx in two configurations
+(tuned and default, issue 13).  With --http (or --only H1,...) it runs the HTTP
+workloads of issues 10 and 13 under wrk, python3 -m http.server and rclone
 serve http joining in.  See benchmarks/README.md.
 
     python3 benchmarks/run.py [--quick] [--workers N] [--only 1,4] [--http] [--write]
@@ -34,8 +35,12 @@ from benchmarks.processes import LOOPBACK, Processes, exit_status, run_with_serv
 from benchmarks.report import code_state, machine_info, render
 from benchmarks.servers import (
     FILECACHE,
+    HTTP_SERVER,
+    NGINX,
+    NGINX_DEFAULT,
+    NGINX_TUNED,
+    RCLONE,
     SERVER_CHOICES,
-    SERVER_NAMES,
     Server,
     filecache_options,
     make_servers,
@@ -66,20 +71,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--http",
         action="store_true",
-        help="run the HTTP workloads H1-H4 (issue 10), under wrk; alone, only those",
+        help="run the HTTP workloads H1-H6 (issues 10 and 13), under wrk; alone, only those",
     )
     p.add_argument(
         "--wrk-threads",
         type=int,
         default=None,
-        help="wrk threads for H1 and H4 (default 1; H2 and H3 have one connection)",
+        help="wrk threads for H1, H4, H5 and H6 (default 1; H2 and H3 have one connection)",
     )
     p.add_argument(
         "--servers",
         type=str,
         default=",".join(SERVER_CHOICES),
         help=f"comma-separated subset of {','.join(SERVER_CHOICES)} "
-        "(the native workloads use the first three)",
+        f"({NGINX}: both {NGINX_TUNED} and {NGINX_DEFAULT}; the native workloads use all but "
+        f"{HTTP_SERVER} and {RCLONE})",
     )
     p.add_argument(
         "--loadgen-threads",
@@ -223,7 +229,7 @@ def main(argv: list[str]) -> int:
             info.append(("code at the end of the run", f"{code_state()}: it changed during the run"))
         native = None
         if results:
-            native = render(results, [n for n in servers if n in SERVER_NAMES], args, info)
+            native = render(results, servers, args, info)
             for s in servers.values():
                 for note in s.restarts:
                     if "workload H" not in note:

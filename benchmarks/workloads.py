@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.clients import fc_list, http_get_all, loadgen
-from benchmarks.dataset import BIG, COLD_FILES, HUGE, LIST_FILES, DataSet
+from benchmarks.dataset import BIG, COLD_FILES, HUGE, LIST_FILES, DataSet, fresh_files
 from benchmarks.processes import Processes, tail
 from benchmarks.resources import RssSampler, process_tree, status_kib
 from benchmarks.servers import (
     FILECACHE,
-    NGINX,
+    NGINX_OPEN_FILE_CACHE,
     SERVER_NAMES,
     Server,
     filecache_argv,
@@ -104,10 +104,14 @@ def w1_small(ctx: Context, s: Server) -> Run:
     return run
 
 
-def w7_small_two_workers(ctx: Context, s: Server) -> Run:
-    """Workload 1 again, with filecache started with --workers 2 (the others as they are)."""
+def with_two_workers(ctx: Context, s: Server, measure: Callable[[Context, Server], Run]) -> Run:
+    """
+    C{measure} of filecache started with --workers 2, for this measurement
+    only (the other servers as they are), unless --workers chose for the
+    whole run.
+    """
     if s.name != FILECACHE or ctx.args.workers:
-        return w1_small(ctx, s)
+        return measure(ctx, s)
     two = Server(
         FILECACHE,
         "fc",
@@ -116,9 +120,14 @@ def w7_small_two_workers(ctx: Context, s: Server) -> Run:
     )
     two.start(ctx.procs)
     try:
-        return w1_small(ctx, two)
+        return measure(ctx, two)
     finally:
         two.stop(ctx.procs)
+
+
+def w7_small_two_workers(ctx: Context, s: Server) -> Run:
+    """Workload 1 again, with filecache started with --workers 2 (the others as they are)."""
+    return with_two_workers(ctx, s, w1_small)
 
 
 def _on_a_proxy_port(ctx: Context, s: Server, measure: Callable[[Context, Server], Run]) -> Run:
@@ -201,25 +210,31 @@ def warm_page_cache(data: Path, list_file: Path) -> None:
                 pass
 
 
-def w5_cold(ctx: Context, s: Server) -> Run:
+def restart_filecache(ctx: Context, s: Server) -> None:
+    """A fresh filecache daemon: nothing in its cache, nothing learnt about any file."""
     if s.name == FILECACHE:
-        # A fresh daemon: nothing in its cache, nothing learnt about any file.
         s.stop(ctx.procs)
         s.start(ctx.procs)
-    warm_page_cache(ctx.ds.root, ctx.ds.cold_list)
-    r = loadgen(
-        ctx.procs,
-        s,
-        "-c",
-        "50",
-        "-t",
-        ctx.threads(1),
-        "-C",
-        "-f",
-        str(ctx.ds.cold_list),
-        label="w5",
-        limit=300,
-    )
+
+
+def w5_cold(ctx: Context, s: Server) -> Run:
+    with fresh_files(ctx.ds, f"w5-{s.name}") as cold:
+        restart_filecache(ctx, s)
+        # Last, right before the run: this machine evicts the page cache as it goes.
+        warm_page_cache(ctx.ds.root, cold.list_file)
+        r = loadgen(
+            ctx.procs,
+            s,
+            "-c",
+            "50",
+            "-t",
+            ctx.threads(1),
+            "-C",
+            "-f",
+            str(cold.list_file),
+            label="w5",
+            limit=300,
+        )
     run = checked(r, Run())
     if r["requests"] + r["errors"] < COLD_FILES:
         run.fail(f"only {r['requests']} of {COLD_FILES} replies; " + run.error)
@@ -230,7 +245,7 @@ def w5_cold(ctx: Context, s: Server) -> Run:
 def w6_list(ctx: Context, s: Server) -> Run:
     """filecache: a fresh daemon on the 100,000-file folder; nginx: autoindex."""
     run = Run()
-    if s.name == NGINX:
+    if s.name in NGINX_OPEN_FILE_CACHE:
         with RssSampler(s.pid) as rss:
             seconds, links, size = http_get_all(s.port, "/listdir/")
         if links < LIST_FILES:
@@ -285,7 +300,7 @@ WORKLOADS = [
     Workload(2, "48 MiB file, cached, 1 conn", w2_big_cached),
     Workload(3, "200 MiB file (> 64 MiB cache), 1 conn", w3_huge),
     Workload(4, "48 MiB file, 200 conns at once", w4_many),
-    Workload(5, "10,000 cold 4 KiB files, 50 conns", w5_cold),
+    Workload(5, "10,000 cold 4 KiB files, each once, 50 conns", w5_cold),
     Workload(6, "LIST of 100,000 files (nginx: autoindex)", w6_list),
     Workload(7, "as 1, filecache with --workers 2", w7_small_two_workers),
     Workload(8, "as 1, filecache on a PROXY port (haproxy:)", w8_small_proxied),
