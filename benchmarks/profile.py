@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 
 from benchmarks.clients import LOADGEN, build_loadgen
 from benchmarks.console import BenchError, say
-from benchmarks.dataset import DataSet, make_dataset
+from benchmarks.dataset import ColdFiles, DataSet, fresh_files, make_dataset
 from benchmarks.processes import LOOPBACK, Processes, free_port, run_with_servers, wait_listening
 from benchmarks.report import publish, run_info
 from benchmarks.resources import proc_stat_fields
@@ -50,9 +50,11 @@ class Load:
     what: str
     cold: bool
 
-    def options(self, ds: DataSet, seconds: float) -> list[str]:
+    def options(self, ds: DataSet, seconds: float, cold: ColdFiles | None) -> list[str]:
+        if cold is not None:
+            return ["-c", "50", "-C", "-f", str(cold.list_file)]
         if self.cold:
-            return ["-c", "50", "-C", "-f", str(ds.cold_list)]
+            return ["-c", "50", "-C", "-f", str(ds.small_list)]
         return ["-c", "50", "-d", str(seconds), "-f", str(ds.small_list)]
 
 
@@ -69,8 +71,10 @@ def cpu_seconds_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
-def run_load(procs: Processes, port: int, load: Load, ds: DataSet, seconds: float) -> dict[str, object]:
-    argv = [str(LOADGEN), "-a", LOOPBACK, "-p", str(port), "-P", "fc", "-T", "300", *load.options(ds, seconds)]
+def run_load(
+    procs: Processes, port: int, load: Load, ds: DataSet, seconds: float, cold: ColdFiles | None = None
+) -> dict[str, object]:
+    argv = [str(LOADGEN), "-a", LOOPBACK, "-p", str(port), "-P", "fc", "-T", "300", *load.options(ds, seconds, cold)]
     proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=400)
     procs.stop(proc)
@@ -127,10 +131,14 @@ def measure(load: Load, seconds: float) -> str:
     def body(procs: Processes) -> str:
         # Pass 1: CPU per request, and py-spy's samples of the same requests.
         daemon, port = start_daemon(procs, ds, work / "daemon.log")
-        if load.cold:
-            warm_page_cache(ds.root, ds.cold_list)
-        else:
-            run_load(procs, port, Load("warm", "", True), ds, seconds)  # every file read once first
+        with fresh_files(ds, "profile") as cold:
+            if load.cold:
+                warm_page_cache(ds.root, cold.list_file)  # this machine evicts the page cache as it goes
+            else:
+                run_load(procs, port, Load("warm", "", True), ds, seconds)  # every file read once first
+            return profiled(procs, daemon, port, cold if load.cold else None)
+
+    def profiled(procs: Processes, daemon: subprocess.Popen[bytes], port: int, cold: ColdFiles | None) -> str:
         raw = work / "spy.txt"
         spy = procs.start(
             ["py-spy", "record", "-p", str(daemon.pid), "-r", "997", "-f", "raw", "-o", str(raw), "--nonblocking"],
@@ -139,7 +147,7 @@ def measure(load: Load, seconds: float) -> str:
         )
         time.sleep(1.0)  # py-spy attaches
         user0, sys0 = cpu_seconds_split(daemon.pid)
-        result = run_load(procs, port, load, ds, seconds)
+        result = run_load(procs, port, load, ds, seconds, cold)
         user1, sys1 = cpu_seconds_split(daemon.pid)
         spy.send_signal(2)  # py-spy writes its samples on SIGINT
         spy.wait(timeout=60)
@@ -149,10 +157,24 @@ def measure(load: Load, seconds: float) -> str:
         sys_us = (sys1 - sys0) / requests * 1e6
         # Pass 2: system calls per request, counted by strace.
         daemon, port = start_daemon(procs, ds, work / "daemon2.log")
-        if load.cold:
-            warm_page_cache(ds.root, ds.cold_list)
-        else:
-            run_load(procs, port, Load("warm", "", True), ds, seconds)
+        with fresh_files(ds, "strace") as cold2:
+            if cold is not None:
+                warm_page_cache(ds.root, cold2.list_file)
+            else:
+                run_load(procs, port, Load("warm", "", True), ds, seconds)
+            return counted(procs, daemon, port, cold2 if cold is not None else None, result, requests, user_us, sys_us, raw)
+
+    def counted(
+        procs: Processes,
+        daemon: subprocess.Popen[bytes],
+        port: int,
+        cold: ColdFiles | None,
+        result: dict[str, object],
+        requests: int,
+        user_us: float,
+        sys_us: float,
+        raw: Path,
+    ) -> str:
         counts = work / "strace.txt"
         tracer = procs.start(
             ["strace", "-c", "-f", "-o", str(counts), "-p", str(daemon.pid)],
@@ -160,7 +182,7 @@ def measure(load: Load, seconds: float) -> str:
             stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)
-        traced = run_load(procs, port, load, ds, min(seconds, 3))
+        traced = run_load(procs, port, load, ds, min(seconds, 3), cold)
         tracer.send_signal(2)
         tracer.wait(timeout=60)
         procs.stop(daemon)
