@@ -178,13 +178,13 @@ def render_http(
 def merge_results(old: str, native: str | None, http: str | None) -> str:
     """
     results.md with the native report and the HTTP section replaced by the
-    new ones where given, the other kept as it was.
+    new ones where given, the other kept as it was; the sections after the
+    HTTP one (the other tools': client, curves, profiles) are always kept.
     """
     before, marker, rest = old.partition(BEGIN)
     old_http = (marker + rest.partition(END)[0] + END + "\n") if marker else ""
-    after = rest.partition(END)[2] if marker else ""
-    native_part = native if native is not None else before + after.lstrip("\n")
+    after = rest.partition(END)[2].strip("\n") if marker else ""
+    native_part = native if native is not None else before
     http_part = http if http is not None else old_http
-    if not native_part.strip() or not http_part:
-        return http_part or native_part
-    return native_part.rstrip("\n") + "\n\n" + http_part
+    parts = [part.strip("\n") for part in (native_part, http_part, after) if part.strip()]
+    return "\n\n".join(parts) + "\n"

@@ -488,3 +488,21 @@ def test_wrk_once_mode_requests_each_path_exactly_once(
     assert sorted(asked) == paths
     assert (result["requests"], result["threads_done"]) == (61, 2)
     assert sum(result["errors"].values()) == 0
+
+
+def test_writing_a_report_keeps_the_other_tools_sections() -> None:
+    """
+    results.md written by run.py replaces the native report and the HTTP
+    section it measured, and keeps the sections of the other tools (client,
+    curves, profiles) that come after the HTTP one, whichever parts it replaces.
+    """
+    other = "<!-- cost curves -->\n## Cost curves\nfigures\n<!-- end of the cost curves -->\n"
+    old = "# native old\n\n" + httpreport.BEGIN + "\nhttp old\n" + httpreport.END + "\n\n" + other
+    new_http = httpreport.BEGIN + "\nhttp new\n" + httpreport.END + "\n"
+    both = httpreport.merge_results(old, "# native new\n", new_http)
+    assert both.startswith("# native new\n") and "http new" in both and both.endswith(other)
+    assert "native old" not in both and "http old" not in both
+    native_only = httpreport.merge_results(old, "# native new\n", None)
+    assert "http old" in native_only and native_only.endswith(other)
+    http_only = httpreport.merge_results(old, None, new_http)
+    assert http_only.startswith("# native old") and "http new" in http_only and http_only.endswith(other)
