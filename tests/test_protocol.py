@@ -1799,3 +1799,55 @@ def test_a_known_get_line_with_the_access_log_on_is_logged(root: Path) -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
     assert sum("{peer} {request}" in line for line in lines) == 3
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected TCP pair on loopback, both ends non-blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+    for end in (accepted, client):
+        end.setblocking(False)
+    yield accepted, client
+    accepted.close()
+    client.close()
+
+
+def corked(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+
+
+@pytest.mark.system
+@pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux's")
+def test_sendfile_corks_the_socket_while_it_sends_and_uncorks_at_the_end(
+    tmp_path: Path, tcp_pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """
+    While the kernel copies a file to a TCP socket it is corked (only full
+    segments leave), and it is uncorked when the transfer ends, so the last
+    partial segment is pushed at once instead of after the cork's 200 ms;
+    a transfer that fails (the file ended early) uncorks it too.
+    """
+    sock, peer = tcp_pair
+    data = noise(12 * 1024 * 1024 + 5)  # more than one call sends (8 MiB a call at most)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        transport = FakeDirectTransport(queued=b"")
+        results: list[Any] = []
+        during: list[int] = []
+        transfer._sendfile(transport, sock, fd, 0, len(data), lambda: None).addBoth(results.append)
+        received = run_direct(transport, peer, lambda: during.append(corked(sock)))
+        assert received == data and [r.sent for r in results] == [len(data)]
+        assert during and during[0] == 1  # still sending after the first call: corked
+        assert corked(sock) == 0
+        failed: list[Any] = []
+        transport = FakeDirectTransport(queued=b"")
+        transfer._sendfile(transport, sock, fd, len(data) - 10, 100, lambda: None).addErrback(failed.append)
+        run_direct(transport, peer)
+        assert failed and failed[0].check(transfer.TransferFailed)
+        assert corked(sock) == 0
+    finally:
+        os.close(fd)
