@@ -5,7 +5,6 @@ byte to releasing its file, checking for change and filling the cache.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -15,7 +14,14 @@ from twisted.python.failure import Failure
 
 from filecache.daemon.cache import CacheEntry, DigestStore, ICache
 from filecache.daemon.folder import OpenedFile, SharedFolder
-from filecache.daemon.transfer import TransferFailed, TransferResult, send_file, send_memory
+from filecache.daemon.transfer import (
+    CAN_SENDFILE,
+    TransferFailed,
+    TransferResult,
+    send_file,
+    send_memory,
+    sendfile_now,
+)
 
 
 def _nothing() -> None:
@@ -145,13 +151,18 @@ class DiskBody:
         self.hashed = hashed
         self._stores = stores
         self._released = False
-        # Bytes already sent by send_now, before start.
+        # Bytes of the body already sent by send_now: send sends the rest.
         self._before = 0
 
     @property
+    def _digest_known(self) -> bool:
+        # Nobody needs these bytes hashed: the digest is known, or not wanted.
+        return self.digest is not None or not self.hashed
+
+    @property
     def by_kernel(self) -> bool:
-        """Whether the kernel copies this body (C{sendfile}): none of its bytes are read here."""
-        return (self.digest is not None or not self.hashed) and not self.fill
+        """Whether the kernel copies this body (C{sendfile}) on a plain socket: none of its bytes are read here."""
+        return self._digest_known and not self.fill and CAN_SENDFILE
 
     def send_now(self, out: int, most: int) -> Sent | None:
         """
@@ -162,30 +173,18 @@ class DiskBody:
         of it; else C{None}, and L{send} sends the rest (an error or an
         early end of the file is met, and reported, there).
         """
-        sent = 0
-        fd = self.opened.fd
-        try:
-            while sent < self.length and sent < most:
-                n = os.sendfile(out, fd, self.start + sent, min(self.length - sent, most - sent))
-                if n <= 0:
-                    break
-                sent += n
-        except OSError:
-            pass
-        self._before += sent
-        if sent == self.length:
+        self._before = sendfile_now(out, self.opened.fd, self.start, self.length, most)
+        if self._before == self.length:
             return self._sent(TransferResult(0))
-        self.start += sent
-        self.length -= sent
         return None
 
     def send(self, consumer: Any, on_progress: Callable[[], object] = _nothing) -> Deferred[Sent]:
         d = send_file(
             consumer,
             self.opened.fd,
-            self.start,
-            self.length,
-            digest_known=self.digest is not None or not self.hashed,
+            self.start + self._before,
+            self.length - self._before,
+            digest_known=self._digest_known,
             collect=self.fill,
             on_progress=on_progress,
         )

@@ -53,6 +53,20 @@ def unsent_bytes(sock: socket.socket | None, tcp: bool | None = None) -> int | N
     return value
 
 
+def set_cork(sock: socket.socket, on: bool) -> bool:
+    """Set or clear C{TCP_CORK} (Linux) on a TCP socket; whether that was done."""
+    if _TCP_CORK is None or not is_tcp(sock):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1 if on else 0)
+    except OSError:
+        return False  # the peer has gone: the transfer fails on its own
+    return True
+
+
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+
+
 def is_tcp(sock: socket.socket) -> bool:
     """Whether C{sock} is a TCP socket (asked once per connection: the family is an enum made per call)."""
     return sock.family in (socket.AF_INET, socket.AF_INET6)

@@ -22,7 +22,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from filecache.daemon.sockets import buffer_empty, direct_socket, unwrapped
+from filecache.daemon.sockets import buffer_empty, direct_socket, set_cork, unwrapped
 
 SLICE = 64 * 1024
 """Bytes handed to a transport per write when we go through Twisted's buffer."""
@@ -256,9 +256,31 @@ def send_file(
     L{TransferFailed} if fewer than C{length} bytes could be sent.
     """
     sock = direct_socket(transport)
-    if digest_known and not collect and sock is not None and hasattr(os, "sendfile"):
+    if digest_known and not collect and sock is not None and CAN_SENDFILE:
         return _sendfile(unwrapped(transport), sock, fd, start, length, on_progress)
     return _read_and_send(transport, fd, start, length, collect, on_progress)
+
+
+CAN_SENDFILE = hasattr(os, "sendfile")
+
+
+def sendfile_now(out: int, fd: int, start: int, length: int, most: int) -> int:
+    """
+    Bytes C{start} to C{start + length} of C{fd} to the socket C{out} by
+    C{sendfile}, as many as it takes now, up to C{most}; how many went.
+    Whatever stopped it (a full socket, an error, the file's end) is met
+    again, and reported, by the producer that sends the rest.
+    """
+    sent = 0
+    try:
+        while sent < length and sent < most:
+            n = os.sendfile(out, fd, start + sent, min(length - sent, most - sent))
+            if n <= 0:
+                break
+            sent += n
+    except OSError:
+        pass
+    return sent
 
 
 def _sendfile(
@@ -276,11 +298,11 @@ def _sendfile(
     # end of the transfer pushes the last one.  A large body moves about a
     # quarter faster so (each segment costs the sender the loopback's
     # receive work too).
-    corked = _set_cork(sock, True)
+    corked = set_cork(sock, True)
 
     def uncork(result: object) -> object:
         if corked:
-            _set_cork(sock, False)
+            set_cork(sock, False)
         return result
 
     def step(sent: int, count: int) -> int:
@@ -291,19 +313,6 @@ def _sendfile(
     transport.registerProducer(sender, False)
     return done.addCallback(lambda sent: TransferResult(sent))
 
-
-_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
-
-
-def _set_cork(sock: socket.socket, on: bool) -> bool:
-    """Set or clear C{TCP_CORK} (Linux) on a TCP socket; whether that was done."""
-    if _TCP_CORK is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1 if on else 0)
-    except OSError:
-        return False  # the peer has gone: the transfer fails on its own
-    return True
 
 
 def _read_and_send(
