@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ if __package__ in (None, ""):
 
 from benchmarks.clients import LOADGEN, build_loadgen
 from benchmarks.console import BenchError, say
-from benchmarks.dataset import ColdFiles, DataSet, fresh_files, make_dataset
+from benchmarks.dataset import DataSet, fresh_files, make_dataset
 from benchmarks.processes import LOOPBACK, Processes, free_port, run_with_servers, wait_listening
 from benchmarks.report import publish, run_info
 from benchmarks.resources import proc_stat_fields
@@ -44,18 +46,11 @@ TOP = 14
 
 @dataclass
 class Load:
-    """One load: the loadgen options, and whether each file is asked once (cold)."""
+    """One load: what it is, and whether each file is asked once (cold) or for a timed run."""
 
     name: str
     what: str
     cold: bool
-
-    def options(self, ds: DataSet, seconds: float, cold: ColdFiles | None) -> list[str]:
-        if cold is not None:
-            return ["-c", "50", "-C", "-f", str(cold.list_file)]
-        if self.cold:
-            return ["-c", "50", "-C", "-f", str(ds.small_list)]
-        return ["-c", "50", "-d", str(seconds), "-f", str(ds.small_list)]
 
 
 LOADS = {
@@ -71,10 +66,10 @@ def cpu_seconds_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
-def run_load(
-    procs: Processes, port: int, load: Load, ds: DataSet, seconds: float, cold: ColdFiles | None = None
-) -> dict[str, object]:
-    argv = [str(LOADGEN), "-a", LOOPBACK, "-p", str(port), "-P", "fc", "-T", "300", *load.options(ds, seconds, cold)]
+def run_load(procs: Processes, port: int, paths: Path, seconds: float | None) -> dict[str, object]:
+    """The load generator on C{port}, 50 connections: each path once, or for C{seconds}."""
+    timing = ["-C"] if seconds is None else ["-d", str(seconds)]
+    argv = [str(LOADGEN), "-a", LOOPBACK, "-p", str(port), "-P", "fc", "-T", "300", "-c", "50", *timing, "-f", str(paths)]
     proc = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=400)
     procs.stop(proc)
@@ -120,6 +115,25 @@ def short(frame: str) -> str:
     return f"{name} ({file})"
 
 
+@contextmanager
+def ready(procs: Processes, ds: DataSet, load: Load, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """
+    A new daemon, and the list of paths to load it with: fresh cold files
+    read once (the page cache warm, filecache's cache cold), or the small
+    files read into the cache and hit once (a first hit sets the file's
+    inotify watch with one stat, which steady hits no longer pay).
+    """
+    daemon, port = start_daemon(procs, ds, log)
+    if not load.cold:
+        for _ in range(2):
+            run_load(procs, port, ds.small_list, None)
+        yield daemon, port, ds.small_list
+        return
+    with fresh_files(ds, f"profile-{log.stem}") as cold:
+        warm_page_cache(ds.root, cold.list_file)  # last: this machine evicts the page cache as it goes
+        yield daemon, port, cold.list_file
+
+
 def measure(load: Load, seconds: float) -> str:
     for tool in ("py-spy", "strace"):
         if shutil.which(tool) is None:
@@ -127,78 +141,49 @@ def measure(load: Load, seconds: float) -> str:
     build_loadgen()
     ds = make_dataset(False)
     work = Path(tempfile.mkdtemp(prefix="filecache-profile-"))
+    timed = None if load.cold else seconds
 
-    def body(procs: Processes) -> str:
-        # Pass 1: CPU per request, and py-spy's samples of the same requests.
-        daemon, port = start_daemon(procs, ds, work / "daemon.log")
-        if not load.cold:
-            warm_hits(procs, port)
-            return profiled(procs, daemon, port, None)
-        with fresh_files(ds, "profile") as cold:
-            warm_page_cache(ds.root, cold.list_file)  # this machine evicts the page cache as it goes
-            return profiled(procs, daemon, port, cold)
-
-    def warm_hits(procs: Processes, port: int) -> None:
-        # Every file read into the cache, then hit once: a first hit sets the
-        # file's inotify watch (one stat), which steady hits no longer pay.
-        for _ in range(2):
-            run_load(procs, port, Load("warm", "", True), ds, seconds)
-
-    def profiled(procs: Processes, daemon: subprocess.Popen[bytes], port: int, cold: ColdFiles | None) -> str:
+    def sampled(procs: Processes) -> tuple[dict[str, object], float, float, Path]:
+        """Pass 1: the CPU per request, and py-spy's samples of the same requests."""
         raw = work / "spy.txt"
-        spy = procs.start(
-            ["py-spy", "record", "-p", str(daemon.pid), "-r", "997", "-f", "raw", "-o", str(raw), "--nonblocking"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1.0)  # py-spy attaches
-        user0, sys0 = cpu_seconds_split(daemon.pid)
-        result = run_load(procs, port, load, ds, seconds, cold)
-        user1, sys1 = cpu_seconds_split(daemon.pid)
-        spy.send_signal(2)  # py-spy writes its samples on SIGINT
-        spy.wait(timeout=60)
-        procs.stop(daemon)
+        with ready(procs, ds, load, work / "daemon.log") as (daemon, port, paths):
+            spy = procs.start(
+                ["py-spy", "record", "-p", str(daemon.pid), "-r", "997", "-f", "raw", "-o", str(raw), "--nonblocking"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # py-spy attaches
+            user0, sys0 = cpu_seconds_split(daemon.pid)
+            result = run_load(procs, port, paths, timed)
+            user1, sys1 = cpu_seconds_split(daemon.pid)
+            spy.send_signal(2)  # py-spy writes its samples on SIGINT
+            spy.wait(timeout=60)
+            procs.stop(daemon)
         requests = int(str(result["requests"]))
-        user_us = (user1 - user0) / requests * 1e6
-        sys_us = (sys1 - sys0) / requests * 1e6
-        # Pass 2: system calls per request, counted by strace.
-        daemon, port = start_daemon(procs, ds, work / "daemon2.log")
-        if cold is None:
-            warm_hits(procs, port)
-            return counted(procs, daemon, port, None, result, requests, user_us, sys_us, raw)
-        with fresh_files(ds, "strace") as cold2:
-            warm_page_cache(ds.root, cold2.list_file)
-            return counted(procs, daemon, port, cold2, result, requests, user_us, sys_us, raw)
+        return result, (user1 - user0) / requests * 1e6, (sys1 - sys0) / requests * 1e6, raw
 
-    def counted(
-        procs: Processes,
-        daemon: subprocess.Popen[bytes],
-        port: int,
-        cold: ColdFiles | None,
-        result: dict[str, object],
-        requests: int,
-        user_us: float,
-        sys_us: float,
-        raw: Path,
-    ) -> str:
+    def traced(procs: Processes) -> tuple[dict[str, int], int]:
+        """Pass 2: the system calls per request, counted by strace (which slows every call)."""
         counts = work / "strace.txt"
-        tracer = procs.start(
-            ["strace", "-c", "-f", "-o", str(counts), "-p", str(daemon.pid)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1.0)
-        traced = run_load(procs, port, load, ds, min(seconds, 3), cold)
-        tracer.send_signal(2)
-        tracer.wait(timeout=60)
-        procs.stop(daemon)
-        calls = syscall_counts(counts)
-        return report(load, result, requests, user_us, sys_us, raw, calls, int(str(traced["requests"])))
+        with ready(procs, ds, load, work / "daemon2.log") as (daemon, port, paths):
+            tracer = procs.start(
+                ["strace", "-c", "-f", "-o", str(counts), "-p", str(daemon.pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+            result = run_load(procs, port, paths, None if timed is None else min(timed, 3))
+            tracer.send_signal(2)
+            tracer.wait(timeout=60)
+            procs.stop(daemon)
+        return syscall_counts(counts), int(str(result["requests"]))
 
     out: list[str] = []
 
     def run(procs: Processes) -> int:
-        out.append(body(procs))
+        result, user_us, sys_us, raw = sampled(procs)
+        calls, traced_requests = traced(procs)
+        out.append(report(load, result, int(str(result["requests"])), user_us, sys_us, raw, calls, traced_requests))
         return 0
 
     status = run_with_servers(run)
